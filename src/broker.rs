@@ -1,0 +1,442 @@
+//! The broker core: validates publishes and subscription opens against the
+//! configuration and the caller's identity, then hands them to the store and
+//! the subscription dispatchers. Transport-free: the gRPC layer
+//! ([`crate::service`]) only decodes, calls in here, and maps errors.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::auth;
+use crate::config::{Config, TopicConfig};
+use crate::proto::{subscribe_request, Envelope, PublishRequest, PublishResponse};
+use crate::queue::{AttachError, Consumer, Subscription, SubscriptionInfo};
+use crate::storage::{
+    keys, now_ms, PublishOp, Published, StorageError, Store, StoreOptions, SubState, TopicState,
+};
+
+/// Why a broker operation was refused. Mapped to gRPC status codes, with a
+/// stable reason, in one place: [`crate::service::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    Unauthenticated(#[from] auth::AuthError),
+    #[error("topic {0:?} does not exist on this broker")]
+    TopicNotFound(String),
+    #[error("subscription {0:?} does not exist on this broker")]
+    SubscriptionNotFound(String),
+    #[error("agency {agency:?} may not publish to topic {topic:?} (not in its publishers)")]
+    NotPublisher { agency: String, topic: String },
+    #[error("subscription {subscription:?} belongs to another agency; {agency:?} may only open its own subscriptions")]
+    NotOwner {
+        agency: String,
+        subscription: String,
+    },
+    #[error("the request has no envelope")]
+    MissingEnvelope,
+    #[error("invalid envelope: {0}")]
+    InvalidEnvelope(String),
+    #[error(
+        "topic {topic:?} does not accept message type {message_type:?}; it accepts: {accepted}"
+    )]
+    TypeNotAccepted {
+        topic: String,
+        message_type: String,
+        accepted: String,
+    },
+    #[error("the envelope is {size} bytes; this broker accepts at most {max} (broker.max_message_bytes)")]
+    TooLarge { size: usize, max: usize },
+    #[error("recipient {0:?} is not an agency known to this broker")]
+    UnknownRecipient(String),
+    #[error("recipient {recipient:?} has no subscription on topic {topic:?}, so the message could never reach it")]
+    RecipientNotSubscribed { recipient: String, topic: String },
+    #[error("the envelope's sender is {claimed:?} but the caller's certificate is for {actual:?}; leave sender empty (the broker sets it)")]
+    SenderMismatch { claimed: String, actual: String },
+    #[error("the first request on a Subscribe stream must be `open`")]
+    NotOpened,
+    #[error("a Subscribe stream may be opened only once")]
+    AlreadyOpen,
+    #[error("{0}")]
+    Attach(#[from] AttachError),
+    #[error("the broker is shutting down; retry shortly")]
+    ShuttingDown,
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not open storage")]
+    Storage(#[from] StorageError),
+    #[error("storage start-up task failed: {0}")]
+    Join(String),
+}
+
+struct TopicEntry {
+    config: TopicConfig,
+    state: Arc<TopicState>,
+    /// (owner agency, subscription) of every subscription of the topic.
+    subs: Vec<(String, Arc<SubState>)>,
+}
+
+/// Cheap-clone handle to the running broker.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    store: Store,
+    topics: HashMap<String, TopicEntry>,
+    subs: HashMap<String, Subscription>,
+    agencies: HashSet<String>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A publish handed to storage, not yet durable.
+pub struct PendingPublish {
+    rx: oneshot::Receiver<Result<Published, StorageError>>,
+    message_id: String,
+}
+
+impl PendingPublish {
+    /// Waits for the flush that makes the message durable.
+    pub async fn wait(self) -> Result<PublishResponse, BrokerError> {
+        let published = self.rx.await.map_err(|_| BrokerError::ShuttingDown)??;
+        Ok(PublishResponse {
+            sequence: published.seq,
+            duplicate: published.duplicate,
+            message_id: self.message_id,
+        })
+    }
+}
+
+const MAX_MESSAGE_ID: usize = 128;
+const MAX_HEADERS: usize = 64;
+
+impl Broker {
+    /// Opens storage and starts one dispatcher per subscription, plus the
+    /// periodic sweep. Every task ends when `shutdown` turns true.
+    pub async fn start(
+        config: Arc<Config>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Broker, Vec<JoinHandle<()>>), StartError> {
+        let b = &config.broker;
+        let options = StoreOptions {
+            cache_capacity: b.cache_capacity,
+            dedup_window: b.dedup_window,
+            max_batch: b.max_batch,
+        };
+        let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
+        let subs: Vec<(String, String)> = config
+            .subscriptions
+            .iter()
+            .map(|s| (s.name.clone(), s.topic.clone()))
+            .collect();
+        let dir = b.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, options, &topics, &subs))
+            .await
+            .map_err(|e| StartError::Join(e.to_string()))??;
+
+        let mut tasks = Vec::new();
+        let mut subscriptions = HashMap::new();
+        let mut topic_entries = HashMap::new();
+        for t in &config.topics {
+            let state = store.topic(&t.name).ok_or_else(|| StorageError::Corrupt {
+                what: format!("topic {:?} was not registered", t.name),
+            })?;
+            topic_entries.insert(
+                t.name.clone(),
+                TopicEntry {
+                    config: t.clone(),
+                    state,
+                    subs: Vec::new(),
+                },
+            );
+        }
+        for s in &config.subscriptions {
+            let state = store
+                .subscription(&s.name)
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: format!("subscription {:?} was not registered", s.name),
+                })?;
+            let Some(entry) = topic_entries.get_mut(&s.topic) else {
+                continue; // config validation guarantees the topic exists
+            };
+            entry.subs.push((s.owner.clone(), state.clone()));
+            let info = SubscriptionInfo {
+                name: s.name.clone(),
+                topic_name: s.topic.clone(),
+                owner: s.owner.clone(),
+                ack_deadline: s.ack_deadline,
+                max_deliveries: s.max_deliveries,
+                max_consumers: b.max_consumers_per_subscription,
+            };
+            let (sub, handle) = Subscription::start(
+                info,
+                state,
+                entry.state.clone(),
+                store.clone(),
+                shutdown.clone(),
+            );
+            tasks.push(handle);
+            info!(subscription = %s.name, depth = sub.state.depth(), "subscription ready");
+            subscriptions.insert(s.name.clone(), sub);
+        }
+        tasks.push(tokio::spawn(tick(store.clone(), shutdown.clone())));
+        let agencies = config.agencies.iter().map(|a| a.id.clone()).collect();
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                topics: topic_entries,
+                subs: subscriptions,
+                agencies,
+                shutdown,
+            }),
+        };
+        Ok((broker, tasks))
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn is_agency(&self, id: &str) -> bool {
+        self.inner.agencies.contains(id)
+    }
+
+    pub fn subscription(&self, name: &str) -> Option<&Subscription> {
+        self.inner.subs.get(name)
+    }
+
+    /// A receiver that turns true when the broker starts shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.clone()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
+    /// Validates a publish from `caller` and hands it to storage. Await the
+    /// returned [`PendingPublish`] for the durable answer; submitting several
+    /// before awaiting lets them share one flush.
+    pub async fn submit(
+        &self,
+        caller: &str,
+        request: PublishRequest,
+    ) -> Result<PendingPublish, BrokerError> {
+        if self.is_shutting_down() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let topic = self
+            .inner
+            .topics
+            .get(&request.topic)
+            .ok_or_else(|| BrokerError::TopicNotFound(request.topic.clone()))?;
+        if !auth::allowed(&topic.config.publishers, caller) {
+            return Err(BrokerError::NotPublisher {
+                agency: caller.to_string(),
+                topic: request.topic.clone(),
+            });
+        }
+        let mut envelope = request.envelope.ok_or(BrokerError::MissingEnvelope)?;
+        let now = now_ms();
+        self.check_envelope(&topic.config, caller, &mut envelope, now)?;
+        let max = self.inner.config.broker.max_message_bytes;
+        let size = envelope.encoded_len();
+        if size > max {
+            return Err(BrokerError::TooLarge { size, max });
+        }
+
+        let targets: Vec<Arc<SubState>> = topic
+            .subs
+            .iter()
+            .filter(|(owner, _)| {
+                envelope.recipients.is_empty() || envelope.recipients.iter().any(|r| r == owner)
+            })
+            .map(|(_, s)| s.clone())
+            .collect();
+        let expires_ms = effective_expiry(&envelope, topic.config.retention, now);
+        let dedup_key = if envelope.message_id.is_empty() {
+            envelope.message_id = uuid::Uuid::now_v7().to_string();
+            None // the broker's own id cannot be repeated by a client
+        } else {
+            Some(keys::dedup(topic.state.id, caller, &envelope.message_id))
+        };
+        let message_id = envelope.message_id.clone();
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .store
+            .publish(PublishOp {
+                topic: topic.state.clone(),
+                targets,
+                dedup_key,
+                publish_ms: now,
+                expires_ms,
+                envelope: envelope.encode_to_vec(),
+                reply,
+            })
+            .await?;
+        Ok(PendingPublish { rx, message_id })
+    }
+
+    /// Checks and completes an envelope: sender from the certificate,
+    /// creation time, and every field the broker relies on.
+    fn check_envelope(
+        &self,
+        topic: &TopicConfig,
+        caller: &str,
+        envelope: &mut Envelope,
+        now: u64,
+    ) -> Result<(), BrokerError> {
+        let invalid = |msg: String| Err(BrokerError::InvalidEnvelope(msg));
+        if !envelope.sender.is_empty() && envelope.sender != caller {
+            return Err(BrokerError::SenderMismatch {
+                claimed: envelope.sender.clone(),
+                actual: caller.to_string(),
+            });
+        }
+        envelope.sender = caller.to_string();
+        if envelope.message_type.is_empty() {
+            return invalid("message_type is required (the payload's fully-qualified protobuf type, e.g. interop.referral.v1.SafeguardingReferral)".into());
+        }
+        if !topic.message_types.is_empty()
+            && !topic
+                .message_types
+                .iter()
+                .any(|t| *t == envelope.message_type)
+        {
+            return Err(BrokerError::TypeNotAccepted {
+                topic: topic.name.clone(),
+                message_type: envelope.message_type.clone(),
+                accepted: topic.message_types.join(", "),
+            });
+        }
+        let id = &envelope.message_id;
+        if id.len() > MAX_MESSAGE_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return invalid(format!(
+                "message_id must be 1 to {MAX_MESSAGE_ID} printable ASCII characters without spaces (a UUID or ULID), or empty for the broker to choose one"
+            ));
+        }
+        if envelope.headers.len() > MAX_HEADERS {
+            return invalid(format!("at most {MAX_HEADERS} headers are allowed"));
+        }
+        if let Some(expires) = &envelope.expires_at {
+            let Some(ms) = timestamp_ms(expires) else {
+                return invalid("expires_at is not a valid timestamp".into());
+            };
+            if ms <= now {
+                return invalid("expires_at is in the past".into());
+            }
+        }
+        if let Some(created) = &envelope.created_at {
+            if timestamp_ms(created).is_none() {
+                return invalid("created_at is not a valid timestamp".into());
+            }
+        } else {
+            envelope.created_at = Some(timestamp_from_ms(now));
+        }
+        let mut seen = HashSet::new();
+        for recipient in &envelope.recipients {
+            if !seen.insert(recipient.as_str()) {
+                return invalid(format!("recipient {recipient:?} is listed twice"));
+            }
+            if !self.is_agency(recipient) {
+                return Err(BrokerError::UnknownRecipient(recipient.clone()));
+            }
+            let subscribed = self
+                .inner
+                .topics
+                .get(&topic.name)
+                .is_some_and(|t| t.subs.iter().any(|(owner, _)| owner == recipient));
+            if !subscribed {
+                return Err(BrokerError::RecipientNotSubscribed {
+                    recipient: recipient.clone(),
+                    topic: topic.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches `caller` as a consumer of the subscription it names.
+    pub async fn open(
+        &self,
+        caller: &str,
+        open: subscribe_request::Open,
+    ) -> Result<(Subscription, Consumer), BrokerError> {
+        if self.is_shutting_down() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let sub = self
+            .inner
+            .subs
+            .get(&open.subscription)
+            .ok_or_else(|| BrokerError::SubscriptionNotFound(open.subscription.clone()))?;
+        if sub.info.owner != caller {
+            return Err(BrokerError::NotOwner {
+                agency: caller.to_string(),
+                subscription: open.subscription.clone(),
+            });
+        }
+        let b = &self.inner.config.broker;
+        let max_in_flight = match open.max_in_flight {
+            0 => b.default_in_flight,
+            n => n.min(b.max_in_flight),
+        };
+        let consumer = sub.attach(max_in_flight, open.initial_credit).await?;
+        Ok((sub.clone(), consumer))
+    }
+}
+
+/// The earliest of the envelope's `expires_at` and the topic's retention.
+fn effective_expiry(envelope: &Envelope, retention: Option<Duration>, now: u64) -> u64 {
+    let by_envelope = envelope.expires_at.as_ref().and_then(timestamp_ms);
+    let by_retention = retention.map(|r| now.saturating_add(r.as_millis() as u64));
+    match (by_envelope, by_retention) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(0),
+    }
+}
+
+fn timestamp_ms(ts: &prost_types::Timestamp) -> Option<u64> {
+    if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) {
+        return None;
+    }
+    (ts.seconds as u64)
+        .checked_mul(1000)?
+        .checked_add(ts.nanos as u64 / 1_000_000)
+}
+
+pub(crate) fn timestamp_from_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+async fn tick(store: Store, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => store.tick(),
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { break; }
+            }
+        }
+    }
+}

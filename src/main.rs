@@ -1,0 +1,457 @@
+//! The `joinery` command: parses the command line, loads configuration, sets
+//! up logging and the TLS crypto provider, and calls the library.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::StreamExt;
+
+use joinery::client::{connect, ClientOptions};
+use joinery::config::Config;
+use joinery::proto::{subscribe_request, Envelope, PublishRequest, SubscribeRequest};
+
+/// Exit status for invalid configuration (EX_USAGE-adjacent: sysexits EX_USAGE is 64).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "joinery",
+    version,
+    about = "A durable, secure message broker for UK public-service agencies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the embedded default config when --config is not given).
+    Serve {
+        /// TOML configuration file (see broker-config/joinery.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and print every problem found.
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Publish a message (optionally many, to measure throughput).
+    Publish(PublishArgs),
+    /// Consume a subscription, printing each delivery and acking it.
+    Subscribe(SubscribeArgs),
+}
+
+#[derive(Args, Clone)]
+struct Connection {
+    /// Broker address.
+    #[arg(long, default_value = "https://127.0.0.1:7443", env = "JOINERY_ADDR")]
+    addr: String,
+    /// Agency whose development certificate to use (from --pki-dir), unless --cert/--key are given.
+    #[arg(long)]
+    agency: Option<String>,
+    /// Development PKI folder made by `joinery serve` with the default config.
+    #[arg(long, default_value = "joinery-data/pki")]
+    pki_dir: PathBuf,
+    /// CA certificate that signed the broker's certificate (default: <pki-dir>/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) with the URI SAN urn:joinery:agency:<id>.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Name to verify the broker's certificate against (default: host of --addr).
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+impl Connection {
+    fn options(&self, default_agency: &str) -> ClientOptions {
+        let agency = self.agency.as_deref().unwrap_or(default_agency);
+        let agencies = self.pki_dir.join("agencies");
+        ClientOptions {
+            addr: self.addr.clone(),
+            ca: self
+                .ca
+                .clone()
+                .unwrap_or_else(|| self.pki_dir.join("ca.pem")),
+            cert: self
+                .cert
+                .clone()
+                .unwrap_or_else(|| agencies.join(format!("{agency}.pem"))),
+            key: self
+                .key
+                .clone()
+                .unwrap_or_else(|| agencies.join(format!("{agency}.key"))),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Topic to publish to.
+    #[arg(long)]
+    topic: String,
+    /// Fully-qualified message type of the payload.
+    #[arg(long = "type")]
+    message_type: String,
+    /// Payload given inline (UTF-8).
+    #[arg(long, conflicts_with = "file")]
+    data: Option<String>,
+    /// Payload read from a file (raw bytes).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Idempotency key (default: the broker chooses one).
+    #[arg(long)]
+    message_id: Option<String>,
+    /// Deliver only to subscriptions owned by these agencies (repeatable).
+    #[arg(long = "recipient")]
+    recipients: Vec<String>,
+    /// Header as key=value (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// Expire the message after this long, e.g. 10m, 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    expires_in: Option<Duration>,
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// Publish this many messages (each with its own broker-chosen id).
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Concurrent publishers (each waits for its durable ack before the next publish).
+    #[arg(long, default_value_t = 1)]
+    concurrency: u64,
+}
+
+#[derive(Args)]
+struct SubscribeArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Subscription to consume (must belong to your agency).
+    #[arg(long)]
+    subscription: String,
+    /// Most unacked deliveries at once.
+    #[arg(long, default_value_t = 100)]
+    max_in_flight: u32,
+    /// Exit after this many deliveries.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Do not ack (deliveries come back after the ack deadline).
+    #[arg(long)]
+    no_ack: bool,
+    /// Exit when nothing arrives for this long, e.g. 5s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("header {s:?} is not key=value"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    joinery::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve { config } => return runtime.block_on(serve(config.as_deref())),
+        Command::CheckConfig { config } => {
+            return match load_config(config.as_deref()) {
+                Ok(_) => {
+                    println!("configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        Command::Publish(args) => runtime.block_on(publish(args)),
+        Command::Subscribe(args) => runtime.block_on(subscribe(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOINERY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    match Config::load(path) {
+        Ok(config) => Ok(config),
+        Err(errors) => {
+            let source = path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "the embedded default configuration".into());
+            eprintln!("error: {source} is not valid:\n{errors}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+async fn serve(config_path: Option<&Path>) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if config.tls.dev_pki {
+        if let Err(e) = dev_pki(&config) {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let listener = match tokio::net::TcpListener::bind(config.broker.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", config.broker.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    match joinery::run(Arc::new(config), listener, joinery::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "error: {}",
+                anyhow::Error::from(e)
+                    .chain()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Creates the development PKI the default config points at, and says so.
+fn dev_pki(config: &Config) -> anyhow::Result<()> {
+    let dir = config
+        .tls
+        .ca
+        .parent()
+        .context("tls.ca has no parent folder for the development PKI")?;
+    let agencies: Vec<String> = config.agencies.iter().map(|a| a.id.clone()).collect();
+    let pki = joinery::pki::ensure_dev_pki(dir, &agencies)
+        .with_context(|| format!("could not create the development PKI in {}", dir.display()))?;
+    for (want, have) in [
+        (&config.tls.ca, &pki.ca),
+        (&config.tls.cert, &pki.server_cert),
+        (&config.tls.key, &pki.server_key),
+    ] {
+        if want != have {
+            bail!(
+                "with tls.dev_pki = true, tls.ca/cert/key must be {}, {} and {}",
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display()
+            );
+        }
+    }
+    let verb = if pki.created { "created" } else { "using" };
+    eprintln!(
+        "WARNING: {verb} a DEVELOPMENT PKI in {} — for trying joinery out only, never for real data.",
+        pki.dir.display()
+    );
+    eprintln!("  CA certificate:     {}", pki.ca.display());
+    eprintln!(
+        "  server certificate: {} (localhost, 127.0.0.1, ::1)",
+        pki.server_cert.display()
+    );
+    for (id, cert, key) in &pki.agencies {
+        eprintln!("  agency {id:<14} {} + {}", cert.display(), key.display());
+    }
+    Ok(())
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let payload = match (&args.data, &args.file) {
+        (Some(data), _) => data.clone().into_bytes(),
+        (None, Some(file)) => {
+            std::fs::read(file).with_context(|| format!("could not read {}", file.display()))?
+        }
+        (None, None) => Vec::new(),
+    };
+    let options = args.conn.options("police-demo");
+    let client = connect(&options).await?;
+    let envelope = Envelope {
+        message_id: args.message_id.clone().unwrap_or_default(),
+        message_type: args.message_type.clone(),
+        payload,
+        correlation_id: args.correlation_id.clone().unwrap_or_default(),
+        expires_at: args.expires_in.map(|d| {
+            let at = std::time::SystemTime::now() + d;
+            prost_types::Timestamp::from(at)
+        }),
+        headers: args.headers.iter().cloned().collect::<HashMap<_, _>>(),
+        recipients: args.recipients.clone(),
+        ..Default::default()
+    };
+    let request = PublishRequest {
+        topic: args.topic.clone(),
+        envelope: Some(envelope),
+    };
+    if args.count <= 1 {
+        let response = client.clone().publish(request).await?.into_inner();
+        println!(
+            "published {} to {} as sequence {}{}",
+            response.message_id,
+            args.topic,
+            response.sequence,
+            if response.duplicate {
+                " (duplicate: already published)"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
+    // Throughput run: `concurrency` publishers share `count` publishes.
+    let started = Instant::now();
+    let concurrency = args.concurrency.clamp(1, 1024);
+    let remaining = Arc::new(std::sync::atomic::AtomicU64::new(args.count));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = client.clone();
+        let mut request = request.clone();
+        if let Some(envelope) = request.envelope.as_mut() {
+            envelope.message_id.clear(); // each message its own id
+        }
+        let remaining = remaining.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while remaining
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+            {
+                let t = Instant::now();
+                client.publish(request.clone()).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "published {} messages to {} in {:.2}s: {:.0} msg/s with {} concurrent publishers; ack latency p50 {:?}, p99 {:?}",
+        latencies.len(),
+        args.topic,
+        secs,
+        latencies.len() as f64 / secs,
+        concurrency,
+        pct(0.5),
+        pct(0.99)
+    );
+    Ok(())
+}
+
+async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    let options = args.conn.options("council-demo");
+    let mut client = connect(&options).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Open(subscribe_request::Open {
+            subscription: args.subscription.clone(),
+            max_in_flight: args.max_in_flight,
+            initial_credit: None,
+        })),
+    })
+    .await?;
+    let mut deliveries = client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    eprintln!(
+        "subscribed to {}; waiting for messages (Ctrl-C to stop)",
+        args.subscription
+    );
+    let mut received = 0u64;
+    loop {
+        let next = match args.idle_timeout {
+            Some(idle) => match tokio::time::timeout(idle, deliveries.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => deliveries.next().await,
+        };
+        let Some(delivery) = next else { break };
+        let delivery = delivery?;
+        let envelope = delivery.envelope.clone().unwrap_or_default();
+        let payload = match std::str::from_utf8(&envelope.payload) {
+            Ok(text) => text.to_string(),
+            Err(_) => format!("<{} bytes of binary payload>", envelope.payload.len()),
+        };
+        println!(
+            "#{} attempt {} from {} type {} id {}: {}",
+            delivery.sequence,
+            delivery.attempt,
+            envelope.sender,
+            envelope.message_type,
+            envelope.message_id,
+            payload
+        );
+        if !args.no_ack {
+            tx.send(SubscribeRequest {
+                request: Some(subscribe_request::Request::Ack(subscribe_request::Ack {
+                    delivery_ids: vec![delivery.delivery_id],
+                })),
+            })
+            .await?;
+        }
+        received += 1;
+        if args.count.is_some_and(|n| received >= n) {
+            break;
+        }
+    }
+    // Let the last ack reach the broker before the stream closes.
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    eprintln!("received {received} message(s)");
+    Ok(())
+}

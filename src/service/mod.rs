@@ -1,0 +1,7 @@
+//! gRPC services: decode requests, identify the caller, call the broker core,
+//! map errors ([`status`]). No business rules live here.
+
+pub mod broker_service;
+pub mod status;
+
+pub use broker_service::BrokerService;

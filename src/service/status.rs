@@ -1,0 +1,57 @@
+//! The one place where errors become gRPC statuses.
+//!
+//! Every refusal carries a stable reason — the `joinery-reason` response
+//! metadata and the first word of the message — that clients may match on.
+//! Reasons are a wire contract: never change or reuse one. Internal causes
+//! (storage failures) are logged here and replaced by a generic message.
+
+use tonic::{Code, Status};
+use tracing::error;
+
+use crate::broker::BrokerError;
+use crate::queue::AttachError;
+
+/// Metadata key carrying the stable reason of a refusal.
+pub const REASON_KEY: &str = "joinery-reason";
+
+pub fn to_status(err: BrokerError) -> Status {
+    use BrokerError::*;
+    let (code, reason) = match &err {
+        Unauthenticated(_) => (Code::Unauthenticated, "unauthenticated"),
+        TopicNotFound(_) => (Code::NotFound, "topic_not_found"),
+        SubscriptionNotFound(_) => (Code::NotFound, "subscription_not_found"),
+        NotPublisher { .. } => (Code::PermissionDenied, "not_a_publisher"),
+        NotOwner { .. } => (Code::PermissionDenied, "not_subscription_owner"),
+        MissingEnvelope => (Code::InvalidArgument, "missing_envelope"),
+        InvalidEnvelope(_) => (Code::InvalidArgument, "invalid_envelope"),
+        TypeNotAccepted { .. } => (Code::InvalidArgument, "type_not_accepted"),
+        TooLarge { .. } => (Code::ResourceExhausted, "message_too_large"),
+        UnknownRecipient(_) => (Code::InvalidArgument, "unknown_recipient"),
+        RecipientNotSubscribed { .. } => (Code::FailedPrecondition, "recipient_not_subscribed"),
+        SenderMismatch { .. } => (Code::InvalidArgument, "sender_mismatch"),
+        NotOpened => (Code::InvalidArgument, "not_opened"),
+        AlreadyOpen => (Code::InvalidArgument, "already_open"),
+        Attach(AttachError::TooManyConsumers { .. }) => {
+            (Code::ResourceExhausted, "too_many_consumers")
+        }
+        Attach(AttachError::ShuttingDown) | ShuttingDown => (Code::Unavailable, "shutting_down"),
+        Storage(cause) => {
+            error!(cause = %cause, "storage failure answered as UNAVAILABLE");
+            return with_reason(
+                Code::Unavailable,
+                "storage_unavailable",
+                "the broker cannot store messages right now; retry later (operators: see the broker log)".into(),
+            );
+        }
+    };
+    with_reason(code, reason, err.to_string())
+}
+
+fn with_reason(code: Code, reason: &'static str, message: String) -> Status {
+    let mut status = Status::new(code, format!("{reason}: {message}"));
+    status.metadata_mut().insert(
+        REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
+}

@@ -1,0 +1,165 @@
+//! Key encoding for the one sled tree that holds everything.
+//!
+//! Every key starts with a one-byte kind, followed by big-endian integers so
+//! that sled's byte order is numeric order (a subscription's pending entries
+//! iterate in sequence order; the expiry index iterates in time order).
+
+/// Topic message: `m topic(4) seq(8)` → [`super::records::StoredMessage`].
+pub const MESSAGE: u8 = b'm';
+/// Pending entry: `p sub(4) seq(8)` → [`super::records::Pending`].
+pub const PENDING: u8 = b'p';
+/// Dead letter: `d sub(4) seq(8)` → [`super::records::DeadLetter`].
+pub const DEAD: u8 = b'd';
+/// Dedup entry: `i topic(4) len(1) sender message_id` → seq(8) publish_ms(8).
+pub const DEDUP: u8 = b'i';
+/// Dedup expiry index: `w publish_ms(8) <dedup key>` → empty.
+pub const DEDUP_BY_TIME: u8 = b'w';
+/// Message expiry index: `x expires_ms(8) topic(4) seq(8)` → empty.
+pub const EXPIRY: u8 = b'x';
+/// Next sequence of a topic: `s topic(4)` → seq(8).
+pub const NEXT_SEQ: u8 = b's';
+/// Subscription counters: `k sub(4)` → depth(8) dead_letters(8).
+pub const COUNTERS: u8 = b'k';
+/// Name registry: `n t <topic name>` → topic(4); `n s <subscription name>` → sub(4) topic(4).
+pub const NAME: u8 = b'n';
+/// Last id handed out to a topic or subscription: `c` → id(4).
+pub const ID_COUNTER: &[u8] = b"c";
+/// On-disk format version: `v` → u32.
+pub const FORMAT: &[u8] = b"v";
+
+pub fn message(topic: u32, seq: u64) -> [u8; 13] {
+    id_seq(MESSAGE, topic, seq)
+}
+
+pub fn pending(sub: u32, seq: u64) -> [u8; 13] {
+    id_seq(PENDING, sub, seq)
+}
+
+pub fn dead(sub: u32, seq: u64) -> [u8; 13] {
+    id_seq(DEAD, sub, seq)
+}
+
+pub fn next_seq(topic: u32) -> [u8; 5] {
+    id_only(NEXT_SEQ, topic)
+}
+
+pub fn counters(sub: u32) -> [u8; 5] {
+    id_only(COUNTERS, sub)
+}
+
+/// Prefix of every key of one subscription's pending entries.
+pub fn pending_prefix(sub: u32) -> [u8; 5] {
+    id_only(PENDING, sub)
+}
+
+/// Prefix of every key of one subscription's dead letters.
+pub fn dead_prefix(sub: u32) -> [u8; 5] {
+    id_only(DEAD, sub)
+}
+
+pub fn dedup(topic: u32, sender: &str, message_id: &str) -> Vec<u8> {
+    // Agency ids are at most 64 bytes (config validation), so the length fits a byte.
+    let sender = &sender.as_bytes()[..sender.len().min(255)];
+    let mut key = Vec::with_capacity(6 + sender.len() + message_id.len());
+    key.push(DEDUP);
+    key.extend_from_slice(&topic.to_be_bytes());
+    key.push(sender.len() as u8);
+    key.extend_from_slice(sender);
+    key.extend_from_slice(message_id.as_bytes());
+    key
+}
+
+pub fn dedup_by_time(publish_ms: u64, dedup_key: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + dedup_key.len());
+    key.push(DEDUP_BY_TIME);
+    key.extend_from_slice(&publish_ms.to_be_bytes());
+    key.extend_from_slice(dedup_key);
+    key
+}
+
+pub fn expiry(expires_ms: u64, topic: u32, seq: u64) -> [u8; 21] {
+    let mut key = [0u8; 21];
+    key[0] = EXPIRY;
+    key[1..9].copy_from_slice(&expires_ms.to_be_bytes());
+    key[9..13].copy_from_slice(&topic.to_be_bytes());
+    key[13..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn topic_name(name: &str) -> Vec<u8> {
+    [&[NAME, b't'][..], name.as_bytes()].concat()
+}
+
+pub fn subscription_name(name: &str) -> Vec<u8> {
+    [&[NAME, b's'][..], name.as_bytes()].concat()
+}
+
+/// The sequence number at the end of a `kind id(4) seq(8)` key.
+pub fn seq_of(key: &[u8]) -> Option<u64> {
+    be_u64(key.get(5..13)?)
+}
+
+/// `(expires_ms, topic, seq)` of an expiry-index key.
+pub fn parse_expiry(key: &[u8]) -> Option<(u64, u32, u64)> {
+    Some((
+        be_u64(key.get(1..9)?)?,
+        be_u32(key.get(9..13)?)?,
+        be_u64(key.get(13..21)?)?,
+    ))
+}
+
+/// `(publish_ms, dedup key)` of a dedup-by-time key.
+pub fn parse_dedup_by_time(key: &[u8]) -> Option<(u64, &[u8])> {
+    Some((be_u64(key.get(1..9)?)?, key.get(9..)?))
+}
+
+pub fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+pub fn be_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+fn id_seq(kind: u8, id: u32, seq: u64) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[0] = kind;
+    key[1..5].copy_from_slice(&id.to_be_bytes());
+    key[5..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn id_only(kind: u8, id: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = kind;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_keys_sort_by_sequence() {
+        let a = pending(7, 255);
+        let b = pending(7, 256);
+        let c = pending(8, 1);
+        assert!(a < b && b < c);
+        assert_eq!(seq_of(&b), Some(256));
+    }
+
+    #[test]
+    fn expiry_keys_sort_by_time_and_parse_back() {
+        let early = expiry(1_000, 9, 5);
+        let late = expiry(2_000, 1, 1);
+        assert!(early < late);
+        assert_eq!(parse_expiry(&early), Some((1_000, 9, 5)));
+    }
+
+    #[test]
+    fn dedup_keys_separate_senders_that_share_a_prefix() {
+        // "ab" + "c…" must not collide with "a" + "bc…".
+        assert_ne!(dedup(1, "ab", "c1"), dedup(1, "a", "bc1"));
+    }
+}

@@ -1,0 +1,615 @@
+//! Durable storage on sled 0.34: topics, subscriptions, dead letters, the
+//! dedup index and the expiry index, all in one sled tree.
+//!
+//! # Layout (see [`keys`])
+//! A message is stored **once per topic** (`m topic seq`) and referenced by a
+//! small pending entry per subscription that should receive it (`p sub seq`,
+//! 12 bytes: attempts and not-before). Acking removes the pending entry; the
+//! topic copy is removed when no other subscription of the topic still has a
+//! pending entry for it (a few point lookups, no reference counts to keep in
+//! step). Dead letters copy the message (`d sub seq`) so the topic copy can go.
+//! Keys are big-endian, so a subscription's pending entries iterate in
+//! publish order and the expiry index in time order.
+//!
+//! Depth and dead-letter counts are kept per subscription (`k sub`), updated in
+//! the same batch as the entries they count, never computed by scanning.
+//!
+//! # Writes: one writer thread, group commit
+//! Every mutation goes to a single writer thread ([`writer`]) as an [`Op`]. It
+//! takes everything queued (up to `max_batch` operations), turns it into one
+//! `sled::Batch` — applied atomically, so a publish's message, pending entries
+//! and dedup entry appear together or not at all, even after `kill -9` — then
+//! `flush()`es sled and fsyncs its files (sled's own flush uses
+//! `sync_file_range`, which does not flush the disk's write cache, and it
+//! writes large values to blob files without syncing them). Only then are
+//! publishes answered and subscriptions told new messages are there. Publishes
+//! that arrive during a flush wait for the next one, so under load one fsync
+//! covers many publishes.
+//!
+//! # Invariants
+//! - A publish is answered OK only after the flush and fsync covering it.
+//! - A subscription is only ever shown messages at or below its topic's
+//!   `committed` sequence, i.e. durable ones.
+//! - Reads (`scan_pending`, `load_message`, ...) are blocking sled calls:
+//!   call them from `spawn_blocking`.
+
+pub mod keys;
+pub mod records;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+pub use records::{DeadLetter, DeadReason, Pending, StoredMessage};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("failed to open the data directory {dir}")]
+    Open {
+        dir: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the data directory {dir} is in use by another process (sled could not lock it)")]
+    Locked { dir: PathBuf },
+    #[error("the data directory {dir} could not be opened: sled panicked while reading it ({reason}); move it aside or restore it from a backup")]
+    OpenPanicked { dir: PathBuf, reason: String },
+    #[error("storage i/o failed on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage operation failed")]
+    Sled(#[from] sled::Error),
+    #[error("stored data is corrupt: {what}")]
+    Corrupt { what: String },
+    #[error("subscription {name:?} is stored for topic {stored:?} but configured for topic {configured:?}; give the subscription a new name")]
+    SubscriptionMoved {
+        name: String,
+        stored: String,
+        configured: String,
+    },
+    #[error("too many topics and subscriptions for one data directory")]
+    IdsExhausted,
+    /// A write could not be made durable; the reason is logged by the writer.
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage is shut down")]
+    Closed,
+}
+
+/// Settings of the store (from `[broker]`).
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub cache_capacity: u64,
+    pub dedup_window: Duration,
+    pub max_batch: usize,
+}
+
+/// A topic as the store sees it.
+#[derive(Debug)]
+pub struct TopicState {
+    pub id: u32,
+    pub name: String,
+    /// Subscriptions bound to this topic.
+    pub subs: Vec<Arc<SubState>>,
+    /// Highest sequence that is durable (0 = none yet).
+    committed: AtomicU64,
+}
+
+impl TopicState {
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+}
+
+/// A subscription as the store sees it.
+#[derive(Debug)]
+pub struct SubState {
+    pub id: u32,
+    pub name: String,
+    pub topic: u32,
+    depth: AtomicU64,
+    dead_letters: AtomicU64,
+    /// Woken after a flush that made new messages or expiries visible.
+    pub notify: Notify,
+    expired: Mutex<Vec<Arc<StoredMessage>>>,
+}
+
+impl SubState {
+    /// Messages pending (published to it, neither acked nor dead-lettered).
+    pub fn depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Messages in its dead letters.
+    pub fn dead_letters(&self) -> u64 {
+        self.dead_letters.load(Ordering::Relaxed)
+    }
+
+    /// Messages the expiry sweep found past their expiry, to be dead-lettered.
+    pub fn take_expired(&self) -> Vec<Arc<StoredMessage>> {
+        match self.expired.lock() {
+            Ok(mut list) => std::mem::take(&mut *list),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+
+    fn push_expired(&self, message: Arc<StoredMessage>) {
+        match self.expired.lock() {
+            Ok(mut list) => list.push(message),
+            Err(poisoned) => poisoned.into_inner().push(message),
+        }
+    }
+}
+
+/// The outcome of a durable publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+/// A publish handed to the writer.
+pub struct PublishOp {
+    pub topic: Arc<TopicState>,
+    /// Subscriptions that get a pending entry (after recipient filtering).
+    pub targets: Vec<Arc<SubState>>,
+    /// Dedup key (`keys::dedup`), or None when the broker chose the message id.
+    pub dedup_key: Option<Vec<u8>>,
+    pub publish_ms: u64,
+    pub expires_ms: u64,
+    pub envelope: Vec<u8>,
+    pub reply: oneshot::Sender<Result<Published, StorageError>>,
+}
+
+/// How a subscription is done with a message.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Ack,
+    DeadLetter { reason: DeadReason, attempts: u32 },
+}
+
+/// Operations the writer applies, in order, in group commits.
+pub(crate) enum Op {
+    Publish(PublishOp),
+    Settle {
+        sub: Arc<SubState>,
+        topic: Arc<TopicState>,
+        message: Arc<StoredMessage>,
+        outcome: Outcome,
+    },
+    /// Persist a pending entry's attempts / not-before (redelivery, nack).
+    Requeue {
+        sub: u32,
+        seq: u64,
+        pending: Pending,
+    },
+    /// Periodic work: expiry and dedup-window sweeps.
+    Tick,
+    /// Answered after the next flush.
+    Sync(oneshot::Sender<Result<(), StorageError>>),
+    /// Commit what came before, then end the writer thread.
+    Stop,
+}
+
+/// Group-commit figures since start.
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    pub flushes: AtomicU64,
+    pub publishes: AtomicU64,
+    pub max_publishes_per_flush: AtomicU64,
+    pub flush_micros: AtomicU64,
+}
+
+impl FlushStats {
+    /// (flushes, publishes, max publishes in one flush, mean flush time in µs)
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        let flushes = self.flushes.load(Ordering::Relaxed);
+        let micros = self.flush_micros.load(Ordering::Relaxed);
+        (
+            flushes,
+            self.publishes.load(Ordering::Relaxed),
+            self.max_publishes_per_flush.load(Ordering::Relaxed),
+            micros.checked_div(flushes).unwrap_or(0),
+        )
+    }
+}
+
+/// Cheap-clone handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tree: sled::Db,
+    tx: mpsc::Sender<Op>,
+    topics: HashMap<String, Arc<TopicState>>,
+    subs: HashMap<String, Arc<SubState>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stats: Arc<FlushStats>,
+}
+
+const FORMAT_VERSION: u32 = 1;
+const WRITER_QUEUE: usize = 16 * 1024;
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, registers the configured
+    /// topics and `(subscription, topic)` pairs, and starts the writer thread.
+    /// Blocking: call from `spawn_blocking` in async code.
+    pub fn open(
+        dir: &Path,
+        options: StoreOptions,
+        topics: &[String],
+        subscriptions: &[(String, String)],
+    ) -> Result<Store, StorageError> {
+        let created = !dir.join("db").exists();
+        let db = open_sled(dir, options.cache_capacity)?;
+        if created {
+            sync_dir(dir)?;
+        }
+        check_format(&db)?;
+
+        let mut topic_ids = HashMap::new();
+        for name in topics {
+            topic_ids.insert(name.clone(), register(&db, &keys::topic_name(name), None)?);
+        }
+        let mut subs_by_topic: HashMap<String, Vec<Arc<SubState>>> = HashMap::new();
+        let mut subs = HashMap::new();
+        for (name, topic) in subscriptions {
+            let topic_id = *topic_ids.get(topic).ok_or_else(|| StorageError::Corrupt {
+                what: format!("subscription {name:?} names unknown topic {topic:?}"),
+            })?;
+            let key = keys::subscription_name(name);
+            let id = register(&db, &key, Some(topic_id)).map_err(|e| match e {
+                StorageError::Corrupt { what } if what == "moved" => {
+                    let stored = stored_topic_of(&db, &key)
+                        .and_then(|id| {
+                            topic_ids
+                                .iter()
+                                .find(|(_, v)| **v == id)
+                                .map(|(k, _)| k.clone())
+                        })
+                        .unwrap_or_else(|| "(a topic no longer configured)".into());
+                    StorageError::SubscriptionMoved {
+                        name: name.clone(),
+                        stored,
+                        configured: topic.clone(),
+                    }
+                }
+                other => other,
+            })?;
+            let (depth, dead) = read_counters(&db, id)?;
+            let state = Arc::new(SubState {
+                id,
+                name: name.clone(),
+                topic: topic_id,
+                depth: AtomicU64::new(depth),
+                dead_letters: AtomicU64::new(dead),
+                notify: Notify::new(),
+                expired: Mutex::new(Vec::new()),
+            });
+            subs_by_topic
+                .entry(topic.clone())
+                .or_default()
+                .push(state.clone());
+            subs.insert(name.clone(), state);
+        }
+        let mut topic_states = HashMap::new();
+        for (name, id) in &topic_ids {
+            let next = match db.get(keys::next_seq(*id))? {
+                Some(v) => keys::be_u64(&v).ok_or_else(|| StorageError::Corrupt {
+                    what: format!("next sequence of topic {name:?}"),
+                })?,
+                None => 1,
+            };
+            topic_states.insert(
+                name.clone(),
+                Arc::new(TopicState {
+                    id: *id,
+                    name: name.clone(),
+                    subs: subs_by_topic.remove(name).unwrap_or_default(),
+                    committed: AtomicU64::new(next.saturating_sub(1)),
+                }),
+            );
+        }
+        db.flush()?;
+
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let stats = Arc::new(FlushStats::default());
+        let writer = writer::Writer::new(
+            db.clone(),
+            dir,
+            rx,
+            options,
+            topic_states.values().cloned().collect(),
+            stats.clone(),
+        )?;
+        let handle = std::thread::Builder::new()
+            .name("joinery-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|source| StorageError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                tree: db,
+                tx,
+                topics: topic_states,
+                subs,
+                writer: Mutex::new(Some(handle)),
+                stats,
+            }),
+        })
+    }
+
+    pub fn topic(&self, name: &str) -> Option<Arc<TopicState>> {
+        self.inner.topics.get(name).cloned()
+    }
+
+    pub fn subscription(&self, name: &str) -> Option<Arc<SubState>> {
+        self.inner.subs.get(name).cloned()
+    }
+
+    pub fn flush_stats(&self) -> &FlushStats {
+        &self.inner.stats
+    }
+
+    /// Queues a publish; the returned receiver answers after the flush that
+    /// makes it durable.
+    pub async fn publish(&self, op: PublishOp) -> Result<(), StorageError> {
+        self.send(Op::Publish(op)).await
+    }
+
+    /// Queues an ack or dead-lettering. Not waited for: if the broker dies
+    /// before it is flushed, the message is simply delivered again.
+    pub async fn settle(
+        &self,
+        sub: Arc<SubState>,
+        topic: Arc<TopicState>,
+        message: Arc<StoredMessage>,
+        outcome: Outcome,
+    ) -> Result<(), StorageError> {
+        self.send(Op::Settle {
+            sub,
+            topic,
+            message,
+            outcome,
+        })
+        .await
+    }
+
+    /// Queues an update of a pending entry's attempts and not-before time.
+    pub async fn requeue(&self, sub: u32, seq: u64, pending: Pending) -> Result<(), StorageError> {
+        self.send(Op::Requeue { sub, seq, pending }).await
+    }
+
+    /// Waits for a flush of everything queued so far.
+    pub async fn sync(&self) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Sync(reply)).await?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Asks for the periodic sweeps (expiry, dedup window). Never blocks: a
+    /// busy writer simply skips a tick.
+    pub fn tick(&self) {
+        let _ = self.inner.tx.try_send(Op::Tick);
+    }
+
+    async fn send(&self, op: Op) -> Result<(), StorageError> {
+        self.inner
+            .tx
+            .send(op)
+            .await
+            .map_err(|_| StorageError::Closed)
+    }
+
+    /// Up to `limit` pending entries of `sub` with `from <= seq <= to`, in
+    /// order, each with its message (None when the topic copy is missing,
+    /// which only an interrupted manual repair can cause). Blocking.
+    pub fn scan_pending(
+        &self,
+        sub: &SubState,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Pending, Option<Arc<StoredMessage>>)>, StorageError> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        let range = keys::pending(sub.id, from)..=keys::pending(sub.id, to);
+        for item in self.inner.tree.range(range).take(limit) {
+            let (key, value) = item?;
+            let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
+                what: format!("pending key of subscription {:?}", sub.name),
+            })?;
+            let pending = Pending::decode(&value)?;
+            out.push((seq, pending, self.load_message(sub.topic, seq)?));
+        }
+        Ok(out)
+    }
+
+    /// The topic copy of a message, if it is still stored. Blocking.
+    pub fn load_message(
+        &self,
+        topic: u32,
+        seq: u64,
+    ) -> Result<Option<Arc<StoredMessage>>, StorageError> {
+        match self.inner.tree.get(keys::message(topic, seq))? {
+            Some(v) => Ok(Some(Arc::new(StoredMessage::decode(topic, seq, &v)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` dead letters of `sub`, oldest first. Blocking.
+    pub fn dead_letters(
+        &self,
+        sub: &SubState,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .tree
+            .scan_prefix(keys::dead_prefix(sub.id))
+            .take(limit)
+        {
+            let (key, value) = item?;
+            let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
+                what: "dead letter key".into(),
+            })?;
+            out.push(DeadLetter::decode(sub.topic, seq, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes sled reports for the data directory.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.tree.size_on_disk().unwrap_or(0)
+    }
+
+    /// Stops the writer after it has committed everything queued, and flushes.
+    /// Blocking. Other clones of the store must not be used afterwards (their
+    /// writes fail with `Closed`).
+    pub fn close(&self) -> Result<(), StorageError> {
+        let handle = match self.inner.writer.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle {
+            // The writer commits everything queued before the Stop, then ends.
+            if self.inner.tx.blocking_send(Op::Stop).is_ok() {
+                let _ = handle.join();
+            }
+        }
+        self.inner.tree.flush()?;
+        Ok(())
+    }
+}
+
+fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_capacity)
+        // Keep sled's background flusher (pitfalls: it also persists metadata).
+        .flush_every_ms(Some(500));
+    // sled can panic on corrupt files: contain it and report it.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+            Err(StorageError::Locked {
+                dir: dir.to_path_buf(),
+            })
+        }
+        Ok(Err(source)) => Err(StorageError::Open {
+            dir: dir.to_path_buf(),
+            source,
+        }),
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(StorageError::OpenPanicked {
+                dir: dir.to_path_buf(),
+                reason,
+            })
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| StorageError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn check_format(db: &sled::Db) -> Result<(), StorageError> {
+    match db.get(keys::FORMAT)? {
+        None => {
+            db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            Ok(())
+        }
+        Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => Ok(()),
+        Some(v) => Err(StorageError::Corrupt {
+            what: format!(
+                "data format version {:?}; this joinery reads version {FORMAT_VERSION}",
+                keys::be_u32(&v)
+            ),
+        }),
+    }
+}
+
+/// Looks up or assigns the id of a named topic (`topic = None`) or
+/// subscription (`topic = Some(topic id)`).
+fn register(db: &sled::Db, key: &[u8], topic: Option<u32>) -> Result<u32, StorageError> {
+    if let Some(v) = db.get(key)? {
+        let id = keys::be_u32(&v).ok_or_else(|| StorageError::Corrupt {
+            what: "name registry".into(),
+        })?;
+        if let Some(topic) = topic {
+            if keys::be_u32(v.get(4..).unwrap_or_default()) != Some(topic) {
+                return Err(StorageError::Corrupt {
+                    what: "moved".into(),
+                });
+            }
+        }
+        return Ok(id);
+    }
+    let last = match db.get(keys::ID_COUNTER)? {
+        Some(v) => keys::be_u32(&v).unwrap_or(0),
+        None => 0,
+    };
+    let id = last.checked_add(1).ok_or(StorageError::IdsExhausted)?;
+    db.insert(keys::ID_COUNTER, &id.to_be_bytes())?;
+    let mut value = id.to_be_bytes().to_vec();
+    if let Some(topic) = topic {
+        value.extend_from_slice(&topic.to_be_bytes());
+    }
+    db.insert(key, value)?;
+    Ok(id)
+}
+
+fn stored_topic_of(db: &sled::Db, key: &[u8]) -> Option<u32> {
+    let v = db.get(key).ok()??;
+    keys::be_u32(v.get(4..)?)
+}
+
+fn read_counters(db: &sled::Db, sub: u32) -> Result<(u64, u64), StorageError> {
+    match db.get(keys::counters(sub))? {
+        Some(v) => {
+            let corrupt = || StorageError::Corrupt {
+                what: "subscription counters".into(),
+            };
+            Ok((
+                keys::be_u64(&v).ok_or_else(corrupt)?,
+                keys::be_u64(v.get(8..).ok_or_else(corrupt)?).ok_or_else(corrupt)?,
+            ))
+        }
+        None => Ok((0, 0)),
+    }
+}
+
+/// Milliseconds since the Unix epoch by the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

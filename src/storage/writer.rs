@@ -1,0 +1,495 @@
+//! The writer thread: applies [`Op`]s in arrival order, one atomic
+//! `sled::Batch` and one flush + fsync per group (group commit).
+//!
+//! Reads it makes while building a batch (dedup lookups, "does another
+//! subscription still hold this message?") go through an overlay of the keys
+//! already written in the same batch, so a batch sees its own writes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+use super::keys;
+use super::records::{DeadLetter, Pending, StoredMessage};
+use super::{
+    now_ms, FlushStats, Op, Outcome, Published, StorageError, StoreOptions, SubState, TopicState,
+};
+
+/// Most expired messages or dedup entries handled per sweep (the rest wait
+/// for the next tick).
+const SWEEP_LIMIT: usize = 10_000;
+
+pub(super) struct Writer {
+    db: sled::Db,
+    dir: PathBuf,
+    db_file: std::fs::File,
+    rx: mpsc::Receiver<Op>,
+    options: StoreOptions,
+    topics: HashMap<u32, Arc<TopicState>>,
+    next_seq: HashMap<u32, u64>,
+    stats: Arc<FlushStats>,
+    synced_blobs: HashSet<std::ffi::OsString>,
+    /// Expiry index entries before this instant have been swept.
+    swept_until_ms: u64,
+    /// Set once a write failed: sled's errors are sticky, so refuse early.
+    failed: Option<String>,
+}
+
+/// State of one group commit being built.
+#[derive(Default)]
+struct Group {
+    batch: sled::Batch,
+    overlay: HashMap<Vec<u8>, bool>,
+    replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
+    syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
+    committed: HashMap<u32, u64>,
+    woken: HashMap<u32, Arc<SubState>>,
+    deltas: HashMap<u32, (Arc<SubState>, i64, i64)>,
+    /// Dedup values written earlier in this batch (read-your-writes).
+    dedup_values: HashMap<Vec<u8>, Vec<u8>>,
+    publishes: u64,
+    writes: usize,
+}
+
+impl Group {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.insert(key, value);
+        self.overlay.insert(key.to_vec(), true);
+        self.writes += 1;
+    }
+
+    fn del(&mut self, key: &[u8]) {
+        self.batch.remove(key);
+        self.overlay.insert(key.to_vec(), false);
+        self.writes += 1;
+    }
+
+    fn delta(&mut self, sub: &Arc<SubState>, depth: i64, dead: i64) {
+        let entry = self.deltas.entry(sub.id).or_insert((sub.clone(), 0, 0));
+        entry.1 += depth;
+        entry.2 += dead;
+    }
+}
+
+impl Writer {
+    pub(super) fn new(
+        db: sled::Db,
+        dir: &Path,
+        rx: mpsc::Receiver<Op>,
+        options: StoreOptions,
+        topics: Vec<Arc<TopicState>>,
+        stats: Arc<FlushStats>,
+    ) -> Result<Self, StorageError> {
+        let path = dir.join("db");
+        let db_file = std::fs::File::open(&path).map_err(|source| StorageError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
+        Ok(Self {
+            db,
+            dir: dir.to_path_buf(),
+            db_file,
+            rx,
+            options,
+            topics: topics.into_iter().map(|t| (t.id, t)).collect(),
+            next_seq,
+            stats,
+            synced_blobs: HashSet::new(),
+            swept_until_ms: 0,
+            failed: None,
+        })
+    }
+
+    pub(super) fn run(mut self) {
+        let max = self.options.max_batch.max(1);
+        let mut ops = Vec::with_capacity(max);
+        loop {
+            match self.rx.blocking_recv() {
+                Some(op) => ops.push(op),
+                None => break,
+            }
+            while ops.len() < max {
+                match self.rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.commit(&mut ops);
+            if stop {
+                break;
+            }
+        }
+        if let Err(e) = self.db.flush() {
+            error!(cause = %e, "final flush failed");
+        }
+    }
+
+    /// Applies `ops` as one group; returns true when told to stop.
+    fn commit(&mut self, ops: &mut Vec<Op>) -> bool {
+        let now = now_ms();
+        let mut group = Group::default();
+        let mut stop = false;
+        for op in ops.drain(..) {
+            let result = match op {
+                Op::Publish(p) => self.publish(&mut group, p, now),
+                Op::Settle {
+                    sub,
+                    topic,
+                    message,
+                    outcome,
+                } => self.settle(&mut group, &sub, &topic, &message, outcome, now),
+                Op::Requeue { sub, seq, pending } => {
+                    let key = keys::pending(sub, seq);
+                    // Only while still pending: an ack may have overtaken it.
+                    match self.exists(&group, &key) {
+                        Ok(true) => {
+                            group.put(&key, &pending.encode());
+                            Ok(())
+                        }
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Op::Tick => self.sweep(&mut group, now),
+                Op::Sync(reply) => {
+                    group.syncs.push(reply);
+                    Ok(())
+                }
+                Op::Stop => {
+                    stop = true;
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                error!(cause = %e, "storage read failed while building a batch");
+                self.failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+        self.finish(group);
+        stop
+    }
+
+    fn exists(&self, group: &Group, key: &[u8]) -> Result<bool, StorageError> {
+        match group.overlay.get(key) {
+            Some(present) => Ok(*present),
+            None => Ok(self.db.contains_key(key)?),
+        }
+    }
+
+    fn publish(
+        &mut self,
+        group: &mut Group,
+        p: super::PublishOp,
+        now: u64,
+    ) -> Result<(), StorageError> {
+        if let Some(reason) = &self.failed {
+            let _ = p.reply.send(Err(StorageError::Unavailable(reason.clone())));
+            return Ok(());
+        }
+        let topic = p.topic.id;
+        if let Some(dedup_key) = &p.dedup_key {
+            // A publish earlier in this very batch wins over what is stored.
+            let existing = match group.dedup_values.get(dedup_key) {
+                Some(v) => Some(v.clone()),
+                None if group.overlay.get(dedup_key.as_slice()) == Some(&false) => None,
+                None => match self.db.get(dedup_key) {
+                    Ok(v) => v.map(|v| v.to_vec()),
+                    Err(e) => {
+                        let _ = p.reply.send(Err(StorageError::Unavailable(e.to_string())));
+                        return Err(e.into());
+                    }
+                },
+            };
+            if let Some(v) = existing {
+                let seq = keys::be_u64(&v);
+                let at = v.get(8..).and_then(keys::be_u64);
+                if let (Some(seq), Some(at)) = (seq, at) {
+                    let window = self.options.dedup_window.as_millis() as u64;
+                    if now.saturating_sub(at) < window {
+                        group.replies.push((
+                            p.reply,
+                            Published {
+                                seq,
+                                duplicate: true,
+                            },
+                        ));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+
+        let next = self.next_seq.entry(topic).or_insert(1);
+        let seq = *next;
+        *next += 1;
+        group.put(&keys::next_seq(topic), &(seq + 1).to_be_bytes());
+        group.put(
+            &keys::message(topic, seq),
+            &StoredMessage::encode_value(p.publish_ms, p.expires_ms, &p.envelope),
+        );
+        let empty = Pending::default().encode();
+        for sub in &p.targets {
+            group.put(&keys::pending(sub.id, seq), &empty);
+            group.delta(sub, 1, 0);
+            group.woken.insert(sub.id, sub.clone());
+        }
+        if p.expires_ms != 0 {
+            group.put(&keys::expiry(p.expires_ms, topic, seq), &[]);
+        }
+        if let Some(dedup_key) = p.dedup_key {
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&p.publish_ms.to_be_bytes());
+            group.put(&dedup_key, &value);
+            group.put(&keys::dedup_by_time(p.publish_ms, &dedup_key), &[]);
+            group.dedup_values.insert(dedup_key, value);
+        }
+        group.committed.insert(topic, seq);
+        group.publishes += 1;
+        group.replies.push((
+            p.reply,
+            Published {
+                seq,
+                duplicate: false,
+            },
+        ));
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        group: &mut Group,
+        sub: &Arc<SubState>,
+        topic: &Arc<TopicState>,
+        message: &StoredMessage,
+        outcome: Outcome,
+        now: u64,
+    ) -> Result<(), StorageError> {
+        let seq = message.seq;
+        let key = keys::pending(sub.id, seq);
+        if !self.exists(group, &key)? {
+            return Ok(()); // already settled (e.g. expired and acked at once)
+        }
+        group.del(&key);
+        match outcome {
+            Outcome::Ack => group.delta(sub, -1, 0),
+            Outcome::DeadLetter { reason, attempts } => {
+                let dead = DeadLetter {
+                    reason,
+                    attempts,
+                    dead_ms: now,
+                    message: message.clone(),
+                };
+                group.put(&keys::dead(sub.id, seq), &dead.encode());
+                group.delta(sub, -1, 1);
+            }
+        }
+        for other in topic.subs.iter().filter(|s| s.id != sub.id) {
+            if self.exists(group, &keys::pending(other.id, seq))? {
+                return Ok(()); // still wanted by another subscription
+            }
+        }
+        group.del(&keys::message(topic.id, seq));
+        if message.expires_ms != 0 {
+            group.del(&keys::expiry(message.expires_ms, topic.id, seq));
+        }
+        Ok(())
+    }
+
+    /// Finds expired messages and stale dedup entries.
+    fn sweep(&mut self, group: &mut Group, now: u64) -> Result<(), StorageError> {
+        // Expiry: tell each subscription still holding an expired message; its
+        // dispatcher dead-letters it (it knows what is in flight).
+        let from = keys::expiry(self.swept_until_ms, 0, 0);
+        let to = keys::expiry(now, 0, 0);
+        let mut last = None;
+        let mut count = 0;
+        for item in self.db.range(from..to) {
+            let (key, _) = item?;
+            let Some((expires_ms, topic_id, seq)) = keys::parse_expiry(&key) else {
+                continue;
+            };
+            count += 1;
+            last = Some(expires_ms);
+            if count > SWEEP_LIMIT {
+                break;
+            }
+            let Some(topic) = self.topics.get(&topic_id) else {
+                continue;
+            };
+            let Some(value) = self.db.get(keys::message(topic_id, seq))? else {
+                group.del(&key); // message already gone
+                continue;
+            };
+            let message = Arc::new(StoredMessage::decode(topic_id, seq, &value)?);
+            for sub in &topic.subs {
+                if self.exists(group, &keys::pending(sub.id, seq))? {
+                    sub.push_expired(message.clone());
+                    group.woken.insert(sub.id, sub.clone());
+                }
+            }
+        }
+        self.swept_until_ms = match last {
+            Some(at) if count > SWEEP_LIMIT => at,
+            _ => now,
+        };
+
+        // Dedup window: forget ids published before the window.
+        let window = self.options.dedup_window.as_millis() as u64;
+        let cutoff = now.saturating_sub(window);
+        let from = [keys::DEDUP_BY_TIME];
+        let to = keys::dedup_by_time(cutoff, &[]);
+        for item in self.db.range(from.to_vec()..to).take(SWEEP_LIMIT) {
+            let (key, _) = item?;
+            let Some((at, dedup_key)) = keys::parse_dedup_by_time(&key) else {
+                continue;
+            };
+            if let Some(v) = self.db.get(dedup_key)? {
+                if v.get(8..).and_then(keys::be_u64) == Some(at) {
+                    group.del(dedup_key);
+                }
+            }
+            group.del(&key);
+        }
+        Ok(())
+    }
+
+    /// Applies the batch, flushes, fsyncs, then answers and wakes.
+    fn finish(&mut self, group: Group) {
+        let Group {
+            mut batch,
+            replies,
+            syncs,
+            committed,
+            woken,
+            deltas,
+            publishes,
+            writes,
+            ..
+        } = group;
+        for (sub, depth, dead) in deltas.values() {
+            let depth = apply_delta(sub.depth(), *depth);
+            let dead = apply_delta(sub.dead_letters(), *dead);
+            let mut value = depth.to_be_bytes().to_vec();
+            value.extend_from_slice(&dead.to_be_bytes());
+            batch.insert(&keys::counters(sub.id), value);
+        }
+        let started = Instant::now();
+        let result = if let Some(reason) = &self.failed {
+            Err(StorageError::Unavailable(reason.clone()))
+        } else if writes == 0 && deltas.is_empty() && syncs.is_empty() {
+            Ok(())
+        } else {
+            self.write_durably(batch)
+        };
+        match result {
+            Ok(()) => {
+                if writes > 0 || !syncs.is_empty() {
+                    let micros = started.elapsed().as_micros() as u64;
+                    self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    self.stats.flush_micros.fetch_add(micros, Ordering::Relaxed);
+                    self.stats.publishes.fetch_add(publishes, Ordering::Relaxed);
+                    self.stats
+                        .max_publishes_per_flush
+                        .fetch_max(publishes, Ordering::Relaxed);
+                    debug!(publishes, writes, micros, "group commit");
+                }
+                for (sub, depth, dead) in deltas.values() {
+                    sub.depth
+                        .store(apply_delta(sub.depth(), *depth), Ordering::Relaxed);
+                    sub.dead_letters
+                        .store(apply_delta(sub.dead_letters(), *dead), Ordering::Relaxed);
+                }
+                for (topic, seq) in committed {
+                    if let Some(t) = self.topics.get(&topic) {
+                        t.committed.fetch_max(seq, Ordering::AcqRel);
+                    }
+                }
+                for (reply, published) in replies {
+                    let _ = reply.send(Ok(published));
+                }
+                for reply in syncs {
+                    let _ = reply.send(Ok(()));
+                }
+                for sub in woken.values() {
+                    sub.notify.notify_one();
+                }
+            }
+            Err(e) => {
+                error!(cause = %e, "group commit failed; publishes are refused until restart");
+                let reason = e.to_string();
+                self.failed.get_or_insert_with(|| reason.clone());
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+                }
+                for reply in syncs {
+                    let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+                }
+            }
+        }
+    }
+
+    fn write_durably(&mut self, batch: sled::Batch) -> Result<(), StorageError> {
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        let path = self.dir.join("db");
+        self.db_file
+            .sync_all()
+            .map_err(|source| StorageError::Io { path, source })?;
+        self.sync_new_blobs()
+    }
+
+    /// sled writes values too large for its log segments to `blobs/` without
+    /// syncing them: fsync every blob file not yet synced, then the folder.
+    fn sync_new_blobs(&mut self) -> Result<(), StorageError> {
+        let dir = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StorageError::Io { path: dir, source }),
+        };
+        let mut seen = HashSet::new();
+        let mut synced_any = false;
+        for entry in entries {
+            let entry = entry.map_err(|source| StorageError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                let path = entry.path();
+                match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                    Ok(()) => synced_any = true,
+                    // sled may have removed it since we listed it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(StorageError::Io { path, source }),
+                }
+            }
+            seen.insert(name);
+        }
+        self.synced_blobs = seen;
+        if synced_any {
+            std::fs::File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| StorageError::Io { path: dir, source })?;
+        }
+        Ok(())
+    }
+}
+
+fn apply_delta(value: u64, delta: i64) -> u64 {
+    if delta >= 0 {
+        value.saturating_add(delta as u64)
+    } else {
+        let result = value.checked_sub(delta.unsigned_abs());
+        if result.is_none() {
+            warn!(value, delta, "counter would go below zero; clamped");
+        }
+        result.unwrap_or(0)
+    }
+}

@@ -1,0 +1,651 @@
+//! The TLS accept loop and the connection type handed to tonic.
+//!
+//! Invariants:
+//! - The accept loop only accepts: every handshake runs in its own task under a
+//!   timeout, so a slow or silent client delays nobody else.
+//! - Each connection, from accept until tonic drops it, holds one permit of a
+//!   semaphore sized `max_connections`; with none free a new TCP connection is
+//!   closed at once.
+//! - Handshake and accept failures are logged, never fatal to the loop.
+//! - The loop stops when `stop` turns true (or its sender is dropped) or when the
+//!   returned stream is dropped; the listener is closed when it stops.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tracing::{debug, info, warn, Instrument};
+
+use super::PeerInfo;
+
+/// Established connections waiting for tonic to pick them up.
+const READY_QUEUE: usize = 64;
+/// Pause after an accept error that is not about one connection (e.g. EMFILE).
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A TLS connection handed to tonic, carrying the caller's identity resolved once
+/// at handshake. Dropping it closes the connection and frees its connection slot.
+pub struct TlsConnection {
+    inner: TlsStream<TcpStream>,
+    peer: PeerInfo,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl TlsConnection {
+    /// The peer's address and identity.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// The underlying TLS stream (e.g. for the negotiated protocol).
+    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
+        &self.inner
+    }
+}
+
+impl std::fmt::Debug for TlsConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnection")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+/// Limits of the accept loop.
+#[derive(Debug, Clone)]
+pub struct AcceptorSettings {
+    /// Connections open at once, including those still handshaking. Zero refuses all.
+    pub max_connections: usize,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Spawns the accept loop on `listener` and returns the stream of established
+/// connections for `Server::serve_with_incoming_shutdown`.
+///
+/// Must be called within a Tokio runtime. The loop ends when `stop` becomes
+/// `true` or its sender is dropped, or when the returned stream is dropped;
+/// in-flight handshakes are abandoned then too, so the stream ends promptly.
+/// The stream yields only `Ok` items; the error type is what tonic expects.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    known_agency: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    settings: AcceptorSettings,
+    stop: watch::Receiver<bool>,
+) -> impl Stream<Item = Result<TlsConnection, io::Error>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(READY_QUEUE);
+    let accept_loop = AcceptLoop {
+        listener,
+        acceptor: TlsAcceptor::from(config),
+        known_agency,
+        permits: Arc::new(Semaphore::new(
+            settings.max_connections.min(Semaphore::MAX_PERMITS),
+        )),
+        settings,
+        tx,
+        stop,
+    };
+    let local = accept_loop.listener.local_addr().ok();
+    tokio::spawn(
+        accept_loop
+            .run()
+            .instrument(tracing::info_span!("tls_accept", listen = ?local)),
+    );
+    ReceiverStream::new(rx)
+}
+
+struct AcceptLoop {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    known_agency: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    permits: Arc<Semaphore>,
+    settings: AcceptorSettings,
+    tx: mpsc::Sender<Result<TlsConnection, io::Error>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl AcceptLoop {
+    async fn run(self) {
+        let stop_signal = stopped(self.stop.clone());
+        tokio::pin!(stop_signal);
+        loop {
+            let (tcp, remote_addr) = tokio::select! {
+                biased;
+                () = &mut stop_signal => break,
+                () = self.tx.closed() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) if is_per_connection(&e) => {
+                        debug!(error = %e, "accept failed for one connection");
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "accept failed; retrying shortly");
+                        tokio::select! {
+                            () = &mut stop_signal => break,
+                            () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                        }
+                    }
+                },
+            };
+
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                warn!(
+                    peer = %remote_addr,
+                    max_connections = self.settings.max_connections,
+                    "connection limit reached; closing new connection"
+                );
+                drop(tcp);
+                continue;
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(peer = %remote_addr, error = %e, "cannot set TCP_NODELAY");
+            }
+
+            let handshake = Handshake {
+                acceptor: self.acceptor.clone(),
+                known_agency: self.known_agency.clone(),
+                timeout: self.settings.handshake_timeout,
+                tx: self.tx.clone(),
+                stop: self.stop.clone(),
+            };
+            tokio::spawn(
+                handshake
+                    .run(tcp, remote_addr, permit)
+                    .instrument(tracing::debug_span!("tls_handshake", peer = %remote_addr)),
+            );
+        }
+        debug!("tls accept loop stopped");
+    }
+}
+
+struct Handshake {
+    acceptor: TlsAcceptor,
+    known_agency: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    timeout: Duration,
+    tx: mpsc::Sender<Result<TlsConnection, io::Error>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Handshake {
+    async fn run(self, tcp: TcpStream, remote_addr: SocketAddr, permit: OwnedSemaphorePermit) {
+        let outcome = tokio::select! {
+            () = stopped(self.stop) => return,
+            () = self.tx.closed() => return,
+            outcome = tokio::time::timeout(self.timeout, self.acceptor.accept(tcp)) => outcome,
+        };
+        let stream = match outcome {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                log_handshake_failure(remote_addr, &e);
+                return;
+            }
+            Err(_elapsed) => {
+                info!(
+                    peer = %remote_addr,
+                    timeout = ?self.timeout,
+                    "tls handshake timed out"
+                );
+                return;
+            }
+        };
+
+        let known = &*self.known_agency;
+        let peer =
+            PeerInfo::from_certificates(remote_addr, stream.get_ref().1.peer_certificates(), known);
+        match &peer.identity {
+            Ok(agency) => {
+                debug!(peer = %remote_addr, agency = %agency, "tls connection established")
+            }
+            Err(e) => info!(
+                peer = %remote_addr,
+                reason = %e,
+                "tls connection without a usable agency identity; its requests will be refused"
+            ),
+        }
+        let connection = TlsConnection {
+            inner: stream,
+            peer,
+            _permit: permit,
+        };
+        // A send error means the server stopped taking connections; dropping the
+        // connection closes it and frees the slot.
+        let _ = self.tx.send(Ok(connection)).await;
+    }
+}
+
+/// Logs a failed handshake with its reason. Certificate and protocol problems
+/// (rustls errors) are worth an operator's attention; I/O noise is not.
+fn log_handshake_failure(remote_addr: SocketAddr, error: &io::Error) {
+    let tls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls_error {
+        Some(reason) => info!(peer = %remote_addr, reason = %reason, "tls handshake failed"),
+        None => debug!(peer = %remote_addr, error = %error, "tls handshake failed"),
+    }
+}
+
+/// Errors about one incoming connection (it went away before we took it).
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Resolves once `stop` is true or its sender has gone.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{write_pem, CertificateAuthority, IssuedCert};
+    use crate::tls::{crypto_provider, load_server_config, IdentityError};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::{ClientConfig, RootCertStore, ServerConfig};
+    use std::future::Future;
+    use tokio_rustls::TlsConnector;
+    use tokio_stream::StreamExt;
+
+    const AGENCY: &str = "council-leeds";
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn cert(pem: &str) -> CertificateDer<'static> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+    }
+
+    fn key(pem: &str) -> PrivateKeyDer<'static> {
+        rustls_pemfile::private_key(&mut pem.as_bytes())
+            .unwrap()
+            .unwrap()
+    }
+
+    struct Pki {
+        ca: CertificateAuthority,
+        server: Arc<ServerConfig>,
+    }
+
+    /// A CA and the server config built by `load_server_config` from files.
+    fn pki() -> Pki {
+        let generated = CertificateAuthority::generate("test CA").unwrap();
+        // Issue from a reloaded CA, as the broker does after a restart.
+        let ca = CertificateAuthority::load(&generated.cert_pem(), &generated.key_pem()).unwrap();
+        let server = ca.issue_server(&["localhost".to_string()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_file, cert_file, key_file) = (
+            dir.path().join("ca.pem"),
+            dir.path().join("server.pem"),
+            dir.path().join("server.key"),
+        );
+        write_pem(&ca_file, &ca.cert_pem(), false).unwrap();
+        write_pem(&cert_file, &server.cert_pem, false).unwrap();
+        write_pem(&key_file, &server.key_pem, true).unwrap();
+        let server = load_server_config(&ca_file, &cert_file, &key_file).unwrap();
+        Pki { ca, server }
+    }
+
+    fn client(ca: &CertificateAuthority, identity: Option<&IssuedCert>) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots.add(cert(&ca.cert_pem())).unwrap();
+        let builder = ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            Some(id) => builder
+                .with_client_auth_cert(vec![cert(&id.cert_pem)], key(&id.key_pem))
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        TlsConnector::from(Arc::new(config))
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        incoming: Pin<Box<dyn Stream<Item = Result<TlsConnection, io::Error>> + Send>>,
+        stop: watch::Sender<bool>,
+    }
+
+    async fn start(pki: &Pki, settings: AcceptorSettings) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let incoming = tls_incoming(
+            listener,
+            pki.server.clone(),
+            Arc::new(|id: &str| id == AGENCY),
+            settings,
+            stop_rx,
+        );
+        Server {
+            addr,
+            incoming: Box::pin(incoming),
+            stop,
+        }
+    }
+
+    fn settings() -> AcceptorSettings {
+        AcceptorSettings {
+            max_connections: 16,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Connects and keeps the client side alive; errors are the test's to check.
+    async fn connect(
+        addr: SocketAddr,
+        connector: TlsConnector,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::try_from("localhost").unwrap();
+        connector.connect(name, tcp).await
+    }
+
+    async fn next(server: &mut Server) -> Option<TlsConnection> {
+        tokio::time::timeout(WAIT, server.incoming.next())
+            .await
+            .expect("a connection within the deadline")
+            .map(|r| r.unwrap())
+    }
+
+    #[tokio::test]
+    async fn handshake_yields_the_agency_identity() {
+        let pki = pki();
+        let mut server = start(&pki, settings()).await;
+        let agency = pki.ca.issue_agency(AGENCY).unwrap();
+        let client = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&agency))));
+
+        let conn = next(&mut server).await.unwrap();
+        assert_eq!(conn.peer().identity.as_deref(), Ok(AGENCY));
+        assert_eq!(conn.peer().serial.as_deref(), Some(agency.serial.as_str()));
+        assert_eq!(conn.get_ref().get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let client = client.await.unwrap().unwrap();
+        assert_eq!(
+            conn.peer().remote_addr,
+            client.get_ref().0.local_addr().unwrap()
+        );
+        use tonic::transport::server::Connected;
+        assert_eq!(conn.connect_info().identity.as_deref(), Ok(AGENCY));
+    }
+
+    #[tokio::test]
+    async fn certificate_from_another_ca_is_refused_and_the_loop_goes_on() {
+        let pki = pki();
+        let mut server = start(&pki, settings()).await;
+        let rogue_ca = CertificateAuthority::generate("rogue CA").unwrap();
+        let rogue = rogue_ca.issue_agency(AGENCY).unwrap();
+        // The rogue client trusts the real server but presents a rogue certificate.
+        let rogue_client = connect(server.addr, client(&pki.ca, Some(&rogue))).await;
+        if let Ok(mut stream) = rogue_client {
+            // TLS 1.3: the client finishes first; the server's alert arrives on read.
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(WAIT, stream.read(&mut buf)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        }
+
+        let good = pki.ca.issue_agency(AGENCY).unwrap();
+        let _good_client = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&good))));
+        let conn = next(&mut server).await.unwrap();
+        assert_eq!(conn.peer().serial.as_deref(), Some(good.serial.as_str()));
+        assert_eq!(conn.peer().identity.as_deref(), Ok(AGENCY));
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_connects_without_identity() {
+        let pki = pki();
+        let mut server = start(&pki, settings()).await;
+        let _client = tokio::spawn(connect(server.addr, client(&pki.ca, None)));
+        let conn = next(&mut server).await.unwrap();
+        assert_eq!(conn.peer().identity, Err(IdentityError::NoCertificate));
+        assert_eq!(conn.peer().serial, None);
+    }
+
+    #[tokio::test]
+    async fn unknown_agency_completes_the_handshake_but_has_no_identity() {
+        let pki = pki();
+        let mut server = start(&pki, settings()).await;
+        let stranger = pki.ca.issue_agency("council-york").unwrap();
+        let _client = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&stranger))));
+        let conn = next(&mut server).await.unwrap();
+        assert_eq!(
+            conn.peer().identity,
+            Err(IdentityError::UnknownAgency("council-york".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_client_does_not_block_others_and_times_out() {
+        let pki = pki();
+        let mut server = start(
+            &pki,
+            AcceptorSettings {
+                max_connections: 16,
+                handshake_timeout: Duration::from_millis(300),
+            },
+        )
+        .await;
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+
+        let agency = pki.ca.issue_agency(AGENCY).unwrap();
+        let _client = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&agency))));
+        let conn = next(&mut server).await.unwrap();
+        assert_eq!(conn.peer().identity.as_deref(), Ok(AGENCY));
+
+        // The silent client is cut off after the handshake timeout.
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, silent.read(&mut buf))
+            .await
+            .expect("server closes the silent connection");
+        assert!(matches!(read, Ok(0) | Err(_)));
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_until_a_slot_frees() {
+        let pki = pki();
+        let mut server = start(
+            &pki,
+            AcceptorSettings {
+                max_connections: 1,
+                handshake_timeout: Duration::from_secs(10),
+            },
+        )
+        .await;
+        let agency = pki.ca.issue_agency(AGENCY).unwrap();
+        let _first = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&agency))));
+        let first = next(&mut server).await.unwrap();
+
+        let refused = connect(server.addr, client(&pki.ca, Some(&agency))).await;
+        assert!(refused.is_err(), "second connection must be closed");
+
+        drop(first);
+        let _third = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&agency))));
+        assert!(next(&mut server).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_stream_and_closes_the_listener() {
+        let pki = pki();
+        let mut server = start(&pki, settings()).await;
+        let addr = server.addr;
+        server.stop.send(true).unwrap();
+        let end = tokio::time::timeout(WAIT, server.incoming.next())
+            .await
+            .expect("stream ends");
+        assert!(end.is_none());
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_stops_the_loop() {
+        let pki = pki();
+        let server = start(&pki, settings()).await;
+        let addr = server.addr;
+        drop(server.incoming);
+        eventually(|| async move { TcpStream::connect(addr).await.is_err() }).await;
+    }
+
+    /// The whole path: tonic serves `tls_incoming`, a real gRPC client over TLS,
+    /// and the identity read from request extensions as handlers will.
+    #[tokio::test]
+    async fn tonic_serves_connections_and_sees_peer_info() {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+
+        crate::tls::install_crypto_provider();
+        let pki = pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stop_rx) = watch::channel(false);
+        let incoming = tls_incoming(
+            listener,
+            pki.server.clone(),
+            Arc::new(|id: &str| id == AGENCY),
+            settings(),
+            stop_rx.clone(),
+        );
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let authenticate =
+            |request: tonic::Request<()>| match request.extensions().get::<PeerInfo>() {
+                Some(PeerInfo {
+                    identity: Ok(_), ..
+                }) => Ok(request),
+                Some(PeerInfo {
+                    identity: Err(e), ..
+                }) => Err(tonic::Status::unauthenticated(e.to_string())),
+                None => Err(tonic::Status::internal("no peer info")),
+            };
+        let mut shutdown = stop_rx;
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(authenticate))
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                }),
+        );
+
+        let channel = |identity: Option<&IssuedCert>| {
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pki.ca.cert_pem()))
+                .domain_name("localhost");
+            if let Some(id) = identity {
+                tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+            }
+            Channel::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_timeout(WAIT)
+        };
+        let request = || HealthCheckRequest {
+            service: String::new(),
+        };
+
+        let agency = pki.ca.issue_agency(AGENCY).unwrap();
+        let mut client = HealthClient::new(channel(Some(&agency)).connect().await.unwrap());
+        client.check(request()).await.unwrap();
+
+        let mut anonymous = HealthClient::new(channel(None).connect().await.unwrap());
+        let status = anonymous.check(request()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(
+            status.message().starts_with("no client certificate"),
+            "{status}"
+        );
+
+        stop.send(true).unwrap();
+        drop((client, anonymous));
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn eventually<F, Fut>(mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not met in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
