@@ -313,12 +313,7 @@ impl Broker {
         if envelope.message_type.is_empty() {
             return invalid("message_type is required (the payload's fully-qualified protobuf type, e.g. interop.referral.v1.SafeguardingReferral)".into());
         }
-        if !topic.message_types.is_empty()
-            && !topic
-                .message_types
-                .iter()
-                .any(|t| *t == envelope.message_type)
-        {
+        if !topic.accepts_message_type(&envelope.message_type) {
             return Err(BrokerError::TypeNotAccepted {
                 topic: topic.name.clone(),
                 message_type: envelope.message_type.clone(),

@@ -155,9 +155,7 @@ pub async fn run(
     }
     let store = broker.store().clone();
     let (flushes, publishes, max_batch, mean_us) = store.flush_stats().snapshot();
-    tokio::task::spawn_blocking(move || store.close())
-        .await
-        .map_err(|e| storage::StorageError::Unavailable(e.to_string()))??;
+    store.close().await?;
     info!(
         flushes,
         publishes,

@@ -200,6 +200,10 @@ pub(crate) enum Op {
     Stop,
 }
 
+/// A pending entry as read by [`Store::scan_pending`]: sequence, entry, and
+/// the message (None if its topic copy is missing).
+pub type PendingRow = (u64, Pending, Option<Arc<StoredMessage>>);
+
 /// Group-commit figures since start.
 #[derive(Debug, Default)]
 pub struct FlushStats {
@@ -423,7 +427,7 @@ impl Store {
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Pending, Option<Arc<StoredMessage>>)>, StorageError> {
+    ) -> Result<Vec<PendingRow>, StorageError> {
         let mut out = Vec::new();
         if from > to {
             return Ok(out);
@@ -479,21 +483,27 @@ impl Store {
         self.inner.tree.size_on_disk().unwrap_or(0)
     }
 
-    /// Stops the writer after it has committed everything queued, and flushes.
-    /// Blocking. Other clones of the store must not be used afterwards (their
+    /// Stops the writer after it has committed everything queued, and
+    /// flushes. Other clones of the store must not write afterwards (their
     /// writes fail with `Closed`).
-    pub fn close(&self) -> Result<(), StorageError> {
+    pub async fn close(&self) -> Result<(), StorageError> {
         let handle = match self.inner.writer.lock() {
             Ok(mut guard) => guard.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
         if let Some(handle) = handle {
             // The writer commits everything queued before the Stop, then ends.
-            if self.inner.tx.blocking_send(Op::Stop).is_ok() {
-                let _ = handle.join();
+            if self.inner.tx.send(Op::Stop).await.is_ok() {
+                tokio::task::spawn_blocking(move || handle.join())
+                    .await
+                    .map_err(|e| StorageError::Unavailable(e.to_string()))?
+                    .map_err(|_| StorageError::Unavailable("the writer thread panicked".into()))?;
             }
         }
-        self.inner.tree.flush()?;
+        let tree = self.inner.tree.clone();
+        tokio::task::spawn_blocking(move || tree.flush())
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))??;
         Ok(())
     }
 }
