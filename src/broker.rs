@@ -4,8 +4,9 @@
 //! ([`crate::service`]) only decodes, calls in here, and maps errors.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::{oneshot, watch};
@@ -63,6 +64,14 @@ pub enum BrokerError {
     AlreadyOpen,
     #[error("{0}")]
     Attach(#[from] AttachError),
+    #[error("subscription {subscription:?} holds its maximum of {max} pending messages (max_depth); its consumer must catch up before more can be published")]
+    SubscriptionFull { subscription: String, max: u64 },
+    #[error("agency {agency:?} is over its publish rate of {rate} messages per second; slow down and retry")]
+    RateLimited { agency: String, rate: u32 },
+    #[error("agency {agency:?} already has its maximum of {max} open streams")]
+    TooManyStreams { agency: String, max: usize },
+    #[error("the broker's disk is nearly full ({free} bytes free, {min} required); publishing is paused so queues can drain")]
+    DiskLow { free: u64, min: u64 },
     #[error("the broker is shutting down; retry shortly")]
     ShuttingDown,
     #[error("{0}")]
@@ -81,8 +90,14 @@ pub enum StartError {
 struct TopicEntry {
     config: TopicConfig,
     state: Arc<TopicState>,
-    /// (owner agency, subscription) of every subscription of the topic.
-    subs: Vec<(String, Arc<SubState>)>,
+    subs: Vec<TopicSub>,
+}
+
+/// A subscription as its topic's publishers see it.
+struct TopicSub {
+    owner: String,
+    state: Arc<SubState>,
+    max_depth: u64,
 }
 
 /// Cheap-clone handle to the running broker.
@@ -98,6 +113,42 @@ struct Inner {
     subs: HashMap<String, Subscription>,
     agencies: HashSet<String>,
     shutdown: watch::Receiver<bool>,
+    /// Publish rate buckets per agency (only with `max_publish_rate`).
+    rates: Mutex<HashMap<String, TokenBucket>>,
+    /// Open streams per agency.
+    streams: Mutex<HashMap<String, usize>>,
+    /// Free bytes on the data directory's file system at the last check.
+    free_disk: AtomicU64,
+}
+
+/// Publish-rate limiter: refills `rate` tokens a second, holds at most `rate`.
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Held while a stream is open; counts towards `max_streams_per_agency`.
+pub struct StreamPermit {
+    inner: Arc<Inner>,
+    agency: String,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut streams = lock(&self.inner.streams);
+        if let Some(n) = streams.get_mut(&self.agency) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.agency);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A publish handed to storage, not yet durable.
@@ -170,7 +221,11 @@ impl Broker {
             let Some(entry) = topic_entries.get_mut(&s.topic) else {
                 continue; // config validation guarantees the topic exists
             };
-            entry.subs.push((s.owner.clone(), state.clone()));
+            entry.subs.push(TopicSub {
+                owner: s.owner.clone(),
+                state: state.clone(),
+                max_depth: s.max_depth,
+            });
             let info = SubscriptionInfo {
                 name: s.name.clone(),
                 topic_name: s.topic.clone(),
@@ -190,8 +245,8 @@ impl Broker {
             info!(subscription = %s.name, depth = sub.state.depth(), "subscription ready");
             subscriptions.insert(s.name.clone(), sub);
         }
-        tasks.push(tokio::spawn(tick(store.clone(), shutdown.clone())));
         let agencies = config.agencies.iter().map(|a| a.id.clone()).collect();
+        let free_disk = free_bytes(&b.data_dir);
         let broker = Broker {
             inner: Arc::new(Inner {
                 config,
@@ -199,9 +254,13 @@ impl Broker {
                 topics: topic_entries,
                 subs: subscriptions,
                 agencies,
-                shutdown,
+                shutdown: shutdown.clone(),
+                rates: Mutex::new(HashMap::new()),
+                streams: Mutex::new(HashMap::new()),
+                free_disk: AtomicU64::new(free_disk),
             }),
         };
+        tasks.push(tokio::spawn(tick(broker.clone(), shutdown)));
         Ok((broker, tasks))
     }
 
@@ -252,6 +311,8 @@ impl Broker {
                 topic: request.topic.clone(),
             });
         }
+        self.check_rate(caller)?;
+        self.check_disk()?;
         let mut envelope = request.envelope.ok_or(BrokerError::MissingEnvelope)?;
         let now = now_ms();
         self.check_envelope(&topic.config, caller, &mut envelope, now)?;
@@ -261,14 +322,21 @@ impl Broker {
             return Err(BrokerError::TooLarge { size, max });
         }
 
-        let targets: Vec<Arc<SubState>> = topic
-            .subs
-            .iter()
-            .filter(|(owner, _)| {
-                envelope.recipients.is_empty() || envelope.recipients.iter().any(|r| r == owner)
-            })
-            .map(|(_, s)| s.clone())
-            .collect();
+        let mut targets: Vec<Arc<SubState>> = Vec::with_capacity(topic.subs.len());
+        for sub in &topic.subs {
+            if !envelope.recipients.is_empty() && !envelope.recipients.contains(&sub.owner) {
+                continue;
+            }
+            // Counters move after each group commit, so a burst may overshoot
+            // by at most the publishes of one group.
+            if sub.state.depth() >= sub.max_depth {
+                return Err(BrokerError::SubscriptionFull {
+                    subscription: sub.state.name.clone(),
+                    max: sub.max_depth,
+                });
+            }
+            targets.push(sub.state.clone());
+        }
         let expires_ms = effective_expiry(&envelope, topic.config.retention, now);
         let dedup_key = if envelope.message_id.is_empty() {
             envelope.message_id = uuid::Uuid::now_v7().to_string();
@@ -356,7 +424,7 @@ impl Broker {
                 .inner
                 .topics
                 .get(&topic.name)
-                .is_some_and(|t| t.subs.iter().any(|(owner, _)| owner == recipient));
+                .is_some_and(|t| t.subs.iter().any(|sub| sub.owner == *recipient));
             if !subscribed {
                 return Err(BrokerError::RecipientNotSubscribed {
                     recipient: recipient.clone(),
@@ -365,6 +433,57 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    fn check_rate(&self, caller: &str) -> Result<(), BrokerError> {
+        let rate = self.inner.config.broker.max_publish_rate;
+        if rate == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut rates = lock(&self.inner.rates);
+        let bucket = rates.entry(caller.to_string()).or_insert(TokenBucket {
+            tokens: f64::from(rate),
+            last: now,
+        });
+        let refill = now.duration_since(bucket.last).as_secs_f64() * f64::from(rate);
+        bucket.tokens = (bucket.tokens + refill).min(f64::from(rate));
+        bucket.last = now;
+        if bucket.tokens < 1.0 {
+            return Err(BrokerError::RateLimited {
+                agency: caller.to_string(),
+                rate,
+            });
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    fn check_disk(&self) -> Result<(), BrokerError> {
+        let min = self.inner.config.broker.min_free_disk;
+        let free = self.inner.free_disk.load(Ordering::Relaxed);
+        if min > 0 && free < min {
+            return Err(BrokerError::DiskLow { free, min });
+        }
+        Ok(())
+    }
+
+    /// Counts a new stream of `agency` against `max_streams_per_agency`.
+    pub fn stream_permit(&self, agency: &str) -> Result<StreamPermit, BrokerError> {
+        let max = self.inner.config.broker.max_streams_per_agency;
+        let mut streams = lock(&self.inner.streams);
+        let open = streams.entry(agency.to_string()).or_insert(0);
+        if *open >= max {
+            return Err(BrokerError::TooManyStreams {
+                agency: agency.to_string(),
+                max,
+            });
+        }
+        *open += 1;
+        Ok(StreamPermit {
+            inner: self.inner.clone(),
+            agency: agency.to_string(),
+        })
     }
 
     /// Attaches `caller` as a consumer of the subscription it names.
@@ -423,15 +542,36 @@ pub(crate) fn timestamp_from_ms(ms: u64) -> prost_types::Timestamp {
     }
 }
 
-async fn tick(store: Store, mut shutdown: watch::Receiver<bool>) {
+/// Once a second: the store's sweeps (expiry, dedup window) and the
+/// free-disk reading.
+async fn tick(broker: Broker, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let dir = broker.inner.config.broker.data_dir.clone();
     loop {
         tokio::select! {
-            _ = every.tick() => store.tick(),
+            _ = every.tick() => {
+                broker.inner.store.tick();
+                let dir = dir.clone();
+                if let Ok(free) = tokio::task::spawn_blocking(move || free_bytes(&dir)).await {
+                    broker.inner.free_disk.store(free, Ordering::Relaxed);
+                }
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() { break; }
             }
+        }
+    }
+}
+
+/// Free bytes available to unprivileged users on `dir`'s file system
+/// (u64::MAX when it cannot be read, so a failed reading never blocks publishing).
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    match rustix::fs::statvfs(dir) {
+        Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
+        Err(e) => {
+            tracing::warn!(cause = %e, dir = %dir.display(), "could not read free disk space");
+            u64::MAX
         }
     }
 }

@@ -206,6 +206,15 @@ pub struct BrokerConfig {
     pub shutdown_grace: Duration,
     /// Most operations in one group commit.
     pub max_batch: usize,
+    /// Most concurrent PublishStream and Subscribe streams of one agency.
+    pub max_streams_per_agency: usize,
+    /// Most publishes per second from one agency (0: no limit). Bursts of up
+    /// to one second's worth are allowed.
+    pub max_publish_rate: u32,
+    /// Publishes are refused (UNAVAILABLE) while the data directory's file
+    /// system has less free space than this, in bytes (0: no check), so that
+    /// consumers can still drain queues before the disk is full.
+    pub min_free_disk: u64,
 }
 
 impl Default for BrokerConfig {
@@ -224,6 +233,9 @@ impl Default for BrokerConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_batch: 4096,
+            max_streams_per_agency: 256,
+            max_publish_rate: 0,
+            min_free_disk: 256 * MIB as u64,
         }
     }
 }
@@ -313,6 +325,14 @@ pub struct SubscriptionConfig {
     /// Deliveries of one message before it is dead-lettered.
     #[serde(default = "default_max_deliveries")]
     pub max_deliveries: u32,
+    /// Most messages pending at once; publishes that would go beyond it are
+    /// refused (RESOURCE_EXHAUSTED) until the consumer catches up.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: u64,
+}
+
+fn default_max_depth() -> u64 {
+    1_000_000
 }
 
 fn default_ack_deadline() -> Duration {
@@ -402,6 +422,9 @@ const OVERRIDABLE: &[(&str, &str, Kind)] = &[
     ("broker", "handshake_timeout", Kind::Text),
     ("broker", "shutdown_grace", Kind::Text),
     ("broker", "max_batch", Kind::Integer),
+    ("broker", "max_streams_per_agency", Kind::Integer),
+    ("broker", "max_publish_rate", Kind::Integer),
+    ("broker", "min_free_disk", Kind::Integer),
     ("tls", "ca", Kind::Text),
     ("tls", "cert", Kind::Text),
     ("tls", "key", Kind::Text),
@@ -607,6 +630,7 @@ impl Config {
                 b.max_consumers_per_subscription == 0,
             ),
             ("max_batch", b.max_batch == 0),
+            ("max_streams_per_agency", b.max_streams_per_agency == 0),
         ];
         for (key, is_zero) in at_least_one {
             if is_zero {
@@ -771,6 +795,11 @@ impl Config {
                     "subscription {name:?}: max_deliveries must be between {min} and {max} \
                      (got {})",
                     sub.max_deliveries
+                ));
+            }
+            if sub.max_depth == 0 {
+                problems.push(format!(
+                    "subscription {name:?}: max_depth must be at least 1"
                 ));
             }
         }

@@ -58,6 +58,7 @@ impl broker_server::Broker for BrokerService {
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let caller = agency_of(&request).map_err(|e| to_status(e.into()))?;
+        let permit = self.broker.stream_permit(&caller).map_err(to_status)?;
         let span = tracing::info_span!("publish_stream", agency = %caller);
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) =
@@ -95,6 +96,7 @@ impl broker_server::Broker for BrokerService {
         // Responder: answer in request order as each becomes durable.
         tokio::spawn(
             async move {
+                let _permit = permit;
                 while let Some(submitted) = pending_rx.recv().await {
                     let answer = match submitted {
                         Ok(pending) => pending.wait().await,
@@ -125,6 +127,7 @@ impl broker_server::Broker for BrokerService {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = agency_of(&request).map_err(|e| to_status(e.into()))?;
+        let permit = self.broker.stream_permit(&caller).map_err(to_status)?;
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(OPEN_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(first))) => first,
@@ -146,6 +149,7 @@ impl broker_server::Broker for BrokerService {
         );
         tokio::spawn(
             async move {
+                let _permit = permit;
                 loop {
                     let request = match inbound.message().await {
                         Ok(Some(request)) => request,

@@ -34,6 +34,10 @@ pub fn to_status(err: BrokerError) -> Status {
         Attach(AttachError::TooManyConsumers { .. }) => {
             (Code::ResourceExhausted, "too_many_consumers")
         }
+        SubscriptionFull { .. } => (Code::ResourceExhausted, "subscription_full"),
+        RateLimited { .. } => (Code::ResourceExhausted, "rate_limited"),
+        TooManyStreams { .. } => (Code::ResourceExhausted, "too_many_streams"),
+        DiskLow { .. } => (Code::Unavailable, "disk_low"),
         Attach(AttachError::ShuttingDown) | ShuttingDown => (Code::Unavailable, "shutting_down"),
         Storage(cause) => {
             error!(cause = %cause, "storage failure answered as UNAVAILABLE");

@@ -123,11 +123,31 @@ impl TestBroker {
         Self::start_in(tmp, pki, body).await
     }
 
+    /// Starts a broker with `JOINERY_*` overrides (e.g. limits).
+    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> TestBroker {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let pki = Arc::new(TestPki::create(&tmp.path().join("pki")));
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_full(tmp, pki, body, env).await
+    }
+
     /// Starts a broker on an existing temp dir and PKI (e.g. after `stop`).
     pub async fn start_in(
         tmp: Arc<tempfile::TempDir>,
         pki: Arc<TestPki>,
         body: &str,
+    ) -> TestBroker {
+        Self::start_full(tmp, pki, body, Vec::new()).await
+    }
+
+    async fn start_full(
+        tmp: Arc<tempfile::TempDir>,
+        pki: Arc<TestPki>,
+        body: &str,
+        env: Vec<(String, String)>,
     ) -> TestBroker {
         joinery::tls::install_crypto_provider();
         let _ = tracing_subscriber::fmt()
@@ -140,8 +160,7 @@ impl TestBroker {
         let root = tmp.path().to_path_buf();
         let text = config_text(&root, body);
         let config = Arc::new(
-            Config::load_str(&text, Vec::<(String, String)>::new())
-                .unwrap_or_else(|e| panic!("test config invalid:\n{e}")),
+            Config::load_str(&text, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}")),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
