@@ -623,3 +623,148 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Store {
+        Store::open(
+            dir,
+            StoreOptions {
+                cache_capacity: 4 << 20,
+                dedup_window: Duration::from_secs(60),
+                max_batch: 16,
+            },
+            &["t".to_string(), "quiet".to_string()],
+            &[
+                ("a".to_string(), "t".to_string()),
+                ("b".to_string(), "t".to_string()),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn publish(store: &Store, topic: &str, targets: &[&str], body: &[u8]) -> u64 {
+        let (reply, rx) = oneshot::channel();
+        store
+            .publish(PublishOp {
+                topic: store.topic(topic).unwrap(),
+                targets: targets
+                    .iter()
+                    .map(|s| store.subscription(s).unwrap())
+                    .collect(),
+                dedup_key: None,
+                publish_ms: now_ms(),
+                expires_ms: 0,
+                envelope: body.to_vec(),
+                reply,
+            })
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap().seq
+    }
+
+    async fn ack(store: &Store, sub: &str, seq: u64) {
+        let sub = store.subscription(sub).unwrap();
+        let topic = store.topic("t").unwrap();
+        let message = store.load_message(topic.id, seq).unwrap().unwrap();
+        store
+            .settle(sub, topic, message, Outcome::Ack)
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn topic_copy_is_released_when_the_last_subscription_acks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, "t", &["a", "b"], b"hello").await;
+        let topic = store.topic("t").unwrap();
+        assert_eq!(topic.committed(), seq);
+        assert_eq!(store.subscription("a").unwrap().depth(), 1);
+
+        ack(&store, "a", seq).await;
+        assert!(
+            store.load_message(topic.id, seq).unwrap().is_some(),
+            "b still holds it"
+        );
+        assert_eq!(store.subscription("a").unwrap().depth(), 0);
+
+        ack(&store, "b", seq).await;
+        assert!(
+            store.load_message(topic.id, seq).unwrap().is_none(),
+            "released"
+        );
+        // A second ack of the same message changes nothing.
+        let sub = store.subscription("b").unwrap();
+        let gone = Arc::new(StoredMessage {
+            topic: topic.id,
+            seq,
+            publish_ms: 0,
+            expires_ms: 0,
+            envelope: bytes::Bytes::new(),
+        });
+        store
+            .settle(sub.clone(), topic.clone(), gone, Outcome::Ack)
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
+        assert_eq!(sub.depth(), 0);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_message_no_subscription_receives_is_not_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, "quiet", &[], b"nobody listens").await;
+        let topic = store.topic("quiet").unwrap();
+        assert_eq!(topic.committed(), seq, "it still takes a sequence");
+        assert!(store.load_message(topic.id, seq).unwrap().is_none());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn counters_and_sequences_survive_reopening() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        for _ in 0..3 {
+            publish(&store, "t", &["a"], b"x").await;
+        }
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(tmp.path());
+        assert_eq!(store.subscription("a").unwrap().depth(), 3);
+        assert_eq!(store.subscription("b").unwrap().depth(), 0);
+        assert_eq!(publish(&store, "t", &["a"], b"y").await, 4);
+        let rows = store
+            .scan_pending(&store.subscription("a").unwrap(), 0, 10, 10)
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_subscription_moved_to_another_topic_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        open(tmp.path()).close().await.unwrap();
+        let err = Store::open(
+            tmp.path(),
+            StoreOptions {
+                cache_capacity: 4 << 20,
+                dedup_window: Duration::from_secs(60),
+                max_batch: 16,
+            },
+            &["t".to_string(), "quiet".to_string()],
+            &[("a".to_string(), "quiet".to_string())],
+        )
+        .err()
+        .expect("moved subscription must be refused");
+        assert!(
+            matches!(err, StorageError::SubscriptionMoved { .. }),
+            "{err}"
+        );
+    }
+}

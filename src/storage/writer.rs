@@ -229,18 +229,22 @@ impl Writer {
         let seq = *next;
         *next += 1;
         group.put(&keys::next_seq(topic), &(seq + 1).to_be_bytes());
-        group.put(
-            &keys::message(topic, seq),
-            &StoredMessage::encode_value(p.publish_ms, p.expires_ms, &p.envelope),
-        );
-        let empty = Pending::default().encode();
-        for sub in &p.targets {
-            group.put(&keys::pending(sub.id, seq), &empty);
-            group.delta(sub, 1, 0);
-            group.woken.insert(sub.id, sub.clone());
-        }
-        if p.expires_ms != 0 {
-            group.put(&keys::expiry(p.expires_ms, topic, seq), &[]);
+        // With no subscription to receive it, nothing would ever release the
+        // topic copy: take the sequence (and dedup entry) but store no copy.
+        if !p.targets.is_empty() {
+            group.put(
+                &keys::message(topic, seq),
+                &StoredMessage::encode_value(p.publish_ms, p.expires_ms, &p.envelope),
+            );
+            let empty = Pending::default().encode();
+            for sub in &p.targets {
+                group.put(&keys::pending(sub.id, seq), &empty);
+                group.delta(sub, 1, 0);
+                group.woken.insert(sub.id, sub.clone());
+            }
+            if p.expires_ms != 0 {
+                group.put(&keys::expiry(p.expires_ms, topic, seq), &[]);
+            }
         }
         if let Some(dedup_key) = p.dedup_key {
             let mut value = seq.to_be_bytes().to_vec();
