@@ -52,6 +52,8 @@ pub enum BrokerError {
     },
     #[error("the envelope is {size} bytes; this broker accepts at most {max} (broker.max_message_bytes)")]
     TooLarge { size: usize, max: usize },
+    #[error("the request is larger than this broker accepts ({0})")]
+    RequestTooLarge(String),
     #[error("recipient {0:?} is not an agency known to this broker")]
     UnknownRecipient(String),
     #[error("recipient {recipient:?} has no subscription on topic {topic:?}, so the message could never reach it")]

@@ -51,10 +51,15 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|status| {
             if status.code() == Code::Internal {
-                Status::invalid_argument(format!(
-                    "malformed request: not a valid protobuf message ({})",
+                let mut status = Status::invalid_argument(format!(
+                    "malformed_request: not a valid protobuf message ({})",
                     status.message()
-                ))
+                ));
+                status.metadata_mut().insert(
+                    crate::service::status::REASON_KEY,
+                    tonic::metadata::MetadataValue::from_static("malformed_request"),
+                );
+                status
             } else {
                 status
             }

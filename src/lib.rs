@@ -117,6 +117,9 @@ pub async fn run(
         .max_encoding_message_size(decode_limit);
 
     let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            service::status::oversized_to_resource_exhausted,
+        ))
         .max_concurrent_streams(Some(b.max_streams_per_connection))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

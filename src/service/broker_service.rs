@@ -79,6 +79,13 @@ impl broker_server::Broker for BrokerService {
                     let request = match next {
                         Ok(Some(request)) => request,
                         Ok(None) => break,
+                        Err(status) if status.code() == tonic::Code::OutOfRange => {
+                            // tonic's frame-size limit: answer it like any oversized message.
+                            let _ = pending_tx
+                                .send(Err(BrokerError::RequestTooLarge(status.message().into())))
+                                .await;
+                            break;
+                        }
                         Err(status) => {
                             debug!(%status, "publish stream ended by the client");
                             break;

@@ -25,7 +25,7 @@ pub fn to_status(err: BrokerError) -> Status {
         MissingEnvelope => (Code::InvalidArgument, "missing_envelope"),
         InvalidEnvelope(_) => (Code::InvalidArgument, "invalid_envelope"),
         TypeNotAccepted { .. } => (Code::InvalidArgument, "type_not_accepted"),
-        TooLarge { .. } => (Code::ResourceExhausted, "message_too_large"),
+        TooLarge { .. } | RequestTooLarge(_) => (Code::ResourceExhausted, "message_too_large"),
         UnknownRecipient(_) => (Code::InvalidArgument, "unknown_recipient"),
         RecipientNotSubscribed { .. } => (Code::FailedPrecondition, "recipient_not_subscribed"),
         SenderMismatch { .. } => (Code::InvalidArgument, "sender_mismatch"),
@@ -58,4 +58,32 @@ fn with_reason(code: Code, reason: &'static str, message: String) -> Status {
         tonic::metadata::MetadataValue::from_static(reason),
     );
     status
+}
+
+/// tonic refuses a request frame over `max_decoding_message_size` itself,
+/// before any joinery code runs, with `OUT_OF_RANGE`. The contract says an
+/// oversized message is `RESOURCE_EXHAUSTED` / `message_too_large`: rewrite
+/// such trailers-only responses on their way out.
+pub fn oversized_to_resource_exhausted<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    use tonic::codegen::http::HeaderValue;
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            // tonic percent-encodes the message (spaces as %20).
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if oversized {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static(
+                "message_too_large: the request is larger than this broker accepts (see broker.max_message_bytes)",
+            ),
+        );
+        headers.insert(REASON_KEY, HeaderValue::from_static("message_too_large"));
+    }
+    response
 }
