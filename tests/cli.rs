@@ -253,3 +253,116 @@ max_deliveries = 0
     let out = joinery(tmp.path(), &["check-config"]);
     assert!(out.status.success(), "the embedded default is valid");
 }
+
+/// Starts `joinery serve` with the embedded default in `dir` on `port`.
+fn serve(dir: &Path, port: u16, log: &str) -> std::process::Child {
+    Command::new(BIN)
+        .current_dir(dir)
+        .arg("serve")
+        .env("JOINERY_BROKER_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_second_broker_on_the_same_data_dir_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _first = Guard(Some(serve(dir, free_port(), "first.log")));
+    // Wait until the first owns the data dir.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(dir.join("first.log"))
+        .unwrap_or_default()
+        .contains("serving")
+    {
+        assert!(Instant::now() < deadline, "first broker did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut second = Guard(Some(serve(dir, free_port(), "second.log")));
+    let status = wait_exit(second.0.as_mut().unwrap(), Duration::from_secs(20))
+        .expect("the second broker must exit, not wait");
+    second.0 = None;
+    let log = std::fs::read_to_string(dir.join("second.log")).unwrap();
+    assert!(!status.success());
+    assert!(log.contains("in use by another process"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn corrupt_storage_fails_with_a_clear_error_instead_of_starting_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let port = free_port();
+    let addr = format!("https://127.0.0.1:{port}");
+    // A store in use: one message waiting.
+    let mut first = Guard(Some(serve(dir, port, "first.log")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = joinery(
+            dir,
+            &[
+                "publish",
+                "--addr",
+                &addr,
+                "--topic",
+                "referral.safeguarding",
+                "--type",
+                "interop.referral.v1.SafeguardingReferral",
+                "--data",
+                "precious",
+            ],
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = first.0.as_ref().unwrap().id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = wait_exit(first.0.as_mut().unwrap(), Duration::from_secs(15)).unwrap();
+    first.0 = None;
+    assert!(status.success());
+
+    // Its data file is damaged: sled alone would open it as an empty store.
+    let data = dir.join("joinery-data");
+    std::fs::write(data.join("db"), vec![0xA5u8; 256 * 1024]).unwrap();
+    let mut again = Guard(Some(serve(dir, free_port(), "again.log")));
+    let status = wait_exit(again.0.as_mut().unwrap(), Duration::from_secs(20))
+        .expect("the broker must exit on unrecoverable storage");
+    again.0 = None;
+    let log = std::fs::read_to_string(dir.join("again.log")).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("recovered no data"), "{log}");
+    assert!(!log.contains("is serving"), "{log}");
+
+    // A damaged sled config file is refused too, without a panic.
+    std::fs::write(data.join("conf"), b"not a sled config at all").unwrap();
+    let mut third = Guard(Some(serve(dir, free_port(), "third.log")));
+    let status = wait_exit(third.0.as_mut().unwrap(), Duration::from_secs(20))
+        .expect("the broker must exit on a corrupt sled config");
+    third.0 = None;
+    let log = std::fs::read_to_string(dir.join("third.log")).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("data directory"), "{log}");
+}

@@ -243,6 +243,8 @@ struct Inner {
 }
 
 const FORMAT_VERSION: u32 = 1;
+/// File beside sled's that marks a durably initialised store.
+const FORMAT_MARKER: &str = "JOINERY_STORE";
 const WRITER_QUEUE: usize = 16 * 1024;
 
 impl Store {
@@ -256,11 +258,20 @@ impl Store {
         subscriptions: &[(String, String)],
     ) -> Result<Store, StorageError> {
         let created = !dir.join("db").exists();
+        let marker = dir.join(FORMAT_MARKER);
+        let initialised = marker.exists();
         let db = open_sled(dir, options.cache_capacity)?;
         if created {
             sync_dir(dir)?;
         }
-        check_format(&db)?;
+        check_format(&db, dir, initialised)?;
+        if !initialised {
+            // Only now is the store known to be durably initialised: from here
+            // on, a store that opens empty has lost its data and is refused.
+            db.flush()?;
+            write_marker(&marker)?;
+            sync_dir(dir)?;
+        }
 
         let mut topic_ids = HashMap::new();
         for name in topics {
@@ -550,8 +561,16 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         })
 }
 
-fn check_format(db: &sled::Db) -> Result<(), StorageError> {
+fn check_format(db: &sled::Db, dir: &Path, initialised: bool) -> Result<(), StorageError> {
     match db.get(keys::FORMAT)? {
+        // sled opens unreadable files as an empty store; the marker tells a
+        // new store from one whose data could not be recovered.
+        None if initialised => Err(StorageError::Corrupt {
+            what: format!(
+                "{} holds a joinery store ({FORMAT_MARKER} is present) but sled recovered no data from it; move the directory aside and restore it from a backup",
+                dir.display()
+            ),
+        }),
         None => {
             db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
             Ok(())
@@ -564,6 +583,18 @@ fn check_format(db: &sled::Db) -> Result<(), StorageError> {
             ),
         }),
     }
+}
+
+fn write_marker(path: &Path) -> Result<(), StorageError> {
+    use std::io::Write;
+    let io = |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::create(path).map_err(io)?;
+    file.write_all(format!("joinery store format {FORMAT_VERSION}\n").as_bytes())
+        .map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 /// Looks up or assigns the id of a named topic (`topic = None`) or
@@ -744,6 +775,30 @@ mod tests {
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
         store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_data_cannot_be_recovered_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        publish(&store, "t", &["a"], b"precious").await;
+        store.close().await.unwrap();
+        drop(store);
+        // Garbage over sled's file: sled itself would open it as empty.
+        std::fs::write(tmp.path().join("db"), vec![0xA5u8; 256 * 1024]).unwrap();
+        let err = Store::open(
+            tmp.path(),
+            StoreOptions {
+                cache_capacity: 4 << 20,
+                dedup_window: Duration::from_secs(60),
+                max_batch: 16,
+            },
+            &["t".to_string()],
+            &[],
+        )
+        .err()
+        .expect("an unrecoverable store must be refused");
+        assert!(err.to_string().contains("recovered no data"), "{err}");
     }
 
     #[tokio::test]
