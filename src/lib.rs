@@ -122,6 +122,9 @@ pub async fn run(
         ))
         .max_concurrent_streams(Some(b.max_streams_per_connection))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST))
+        // Bound abusive stream resets (the HTTP/2 rapid-reset attacks).
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_local_error_reset_streams(Some(1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
