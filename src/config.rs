@@ -171,6 +171,12 @@ pub struct Config {
     /// `[[subscription]]`: durable queues fed from topics.
     #[serde(default, rename = "subscription")]
     pub subscriptions: Vec<SubscriptionConfig>,
+    /// `[[identity]]`: certificates mapped to agencies by subject or SAN.
+    #[serde(default, rename = "identity")]
+    pub identities: Vec<IdentityConfig>,
+    /// `[audit]`: the audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// `[broker]`: where the broker listens, where it keeps data, and its limits.
@@ -215,6 +221,8 @@ pub struct BrokerConfig {
     /// system has less free space than this, in bytes (0: no check), so that
     /// consumers can still drain queues before the disk is full.
     pub min_free_disk: u64,
+    /// Agency ids or `*` globs allowed to use the Admin service.
+    pub operators: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -236,13 +244,14 @@ impl Default for BrokerConfig {
             max_streams_per_agency: 256,
             max_publish_rate: 0,
             min_free_disk: 256 * MIB as u64,
+            operators: Vec::new(),
         }
     }
 }
 
 /// `[tls]`: PEM files of the broker's identity and of the CA that signs client
 /// certificates.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// CA bundle client certificates must chain to.
@@ -254,6 +263,96 @@ pub struct TlsConfig {
     /// Generate a development CA, server and agency certificates at these paths when
     /// they do not exist. Never for production.
     pub dev_pki: bool,
+    /// Certificate revocation lists (PEM), checked on every handshake. A CRL
+    /// past its next-update time fails closed.
+    pub crl: Vec<PathBuf>,
+    /// Connections older than this are closed (clients reconnect and are
+    /// checked again), so no connection outlives a revocation by more.
+    #[serde(with = "duration")]
+    pub max_connection_age: Duration,
+    /// How often the certificate, key, CA and CRL files are checked for
+    /// changes (they also reload on SIGHUP).
+    #[serde(with = "duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            dev_pki: false,
+            crl: Vec::new(),
+            max_connection_age: Duration::from_secs(3600),
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A UK Government Security Classifications marking, lowest first, so that
+/// `a <= b` means "b covers a".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub enum Marking {
+    #[default]
+    #[serde(rename = "OFFICIAL")]
+    Official,
+    #[serde(rename = "OFFICIAL_SENSITIVE", alias = "OFFICIAL-SENSITIVE")]
+    OfficialSensitive,
+}
+
+impl Marking {
+    /// The name used in config and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Marking::Official => "OFFICIAL",
+            Marking::OfficialSensitive => "OFFICIAL_SENSITIVE",
+        }
+    }
+}
+
+impl std::fmt::Display for Marking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[identity]]`: maps a certificate that cannot carry the
+/// `urn:joinery:agency:<id>` SAN to an agency, by its exact subject or by one
+/// of its SAN values. Exactly one of `subject` and `san` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The certificate's subject as RFC 4514 text, e.g. `CN=cad-gateway,O=Demo Fire and Rescue,C=GB`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// A SAN value: a DNS name, an email address or a URI, e.g. `cad.fire.example.gov.uk`.
+    #[serde(default)]
+    pub san: Option<String>,
+    /// The agency the certificate speaks for.
+    pub agency: String,
+}
+
+/// `[audit]`: the tamper-evident audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Record every publish, delivery, settlement, denial and reload.
+    pub enabled: bool,
+    /// How long records are kept; older ones are pruned behind an anchor
+    /// record that keeps the rest of the chain verifiable.
+    #[serde(with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            // Seven years, a common retention period for safeguarding records.
+            retention: Duration::from_secs(7 * 366 * 24 * 3600),
+        }
+    }
 }
 
 /// `[[agency]]`: an organisation, identified by the id in its client certificate.
@@ -268,6 +367,9 @@ pub struct AgencyConfig {
     /// Kind of organisation, e.g. `police`, `council`, `nhs`.
     #[serde(default)]
     pub kind: String,
+    /// Highest marking the agency may receive. Default OFFICIAL.
+    #[serde(default)]
+    pub clearance: Marking,
 }
 
 /// `[[topic]]`: a named stream of messages with its access rules.
@@ -289,6 +391,9 @@ pub struct TopicConfig {
     /// acknowledged them.
     #[serde(default, with = "optional_duration")]
     pub retention: Option<Duration>,
+    /// Highest marking that may be published to the topic. Default OFFICIAL.
+    #[serde(default)]
+    pub max_marking: Marking,
 }
 
 impl TopicConfig {
@@ -429,6 +534,8 @@ const OVERRIDABLE: &[(&str, &str, Kind)] = &[
     ("tls", "cert", Kind::Text),
     ("tls", "key", Kind::Text),
     ("tls", "dev_pki", Kind::Bool),
+    ("tls", "max_connection_age", Kind::Text),
+    ("tls", "reload_interval", Kind::Text),
 ];
 
 /// Apply the `JOINERY_BROKER_*` and `JOINERY_TLS_*` variables of `env` to `table`.
@@ -590,6 +697,7 @@ impl Config {
         self.validate_agencies(&mut problems);
         self.validate_topics(&mut problems);
         self.validate_subscriptions(&mut problems);
+        self.validate_access(&mut problems);
         problems
     }
 
@@ -666,6 +774,71 @@ impl Config {
             if path.as_os_str().is_empty() {
                 problems.push(format!("tls.{key} must be set to a file path"));
             }
+        }
+        if tls.max_connection_age < ONE_SECOND {
+            problems.push("tls.max_connection_age must be at least 1s".to_owned());
+        }
+        if tls.reload_interval < ONE_SECOND {
+            problems.push("tls.reload_interval must be at least 1s".to_owned());
+        }
+    }
+
+    /// Operators, identity mappings, markings and the audit log.
+    fn validate_access(&self, problems: &mut Vec<String>) {
+        for pattern in &self.broker.operators {
+            let known = if pattern.contains('*') {
+                self.agencies.iter().any(|a| glob_match(pattern, &a.id))
+            } else {
+                self.agency(pattern).is_some()
+            };
+            if !known {
+                problems.push(format!(
+                    "broker.operators: {pattern:?} is not a configured agency (or matches none)"
+                ));
+            }
+        }
+        for (i, identity) in self.identities.iter().enumerate() {
+            let n = i + 1;
+            match (&identity.subject, &identity.san) {
+                (Some(_), Some(_)) | (None, None) => {
+                    problems.push(format!("identity #{n}: set exactly one of subject and san"))
+                }
+                (Some(v), None) | (None, Some(v)) if v.trim().is_empty() => {
+                    problems.push(format!("identity #{n}: the value to match is empty"))
+                }
+                _ => {}
+            }
+            if self.agency(&identity.agency).is_none() {
+                problems.push(format!(
+                    "identity #{n}: agency {:?} is not a configured agency",
+                    identity.agency
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for identity in &self.identities {
+            let key = (identity.subject.clone(), identity.san.clone());
+            if !seen.insert(key) {
+                problems.push(format!(
+                    "identity for agency {:?}: the same subject or san is mapped twice",
+                    identity.agency
+                ));
+            }
+        }
+        for sub in &self.subscriptions {
+            let (Some(topic), Some(owner)) = (self.topic(&sub.topic), self.agency(&sub.owner))
+            else {
+                continue;
+            };
+            if owner.clearance < topic.max_marking {
+                problems.push(format!(
+                    "subscription {:?}: owner {:?} has clearance {} but topic {:?} carries up to {}",
+                    sub.name, owner.id, owner.clearance, topic.name, topic.max_marking
+                ));
+            }
+        }
+        if self.audit.retention < Duration::from_secs(24 * 3600) {
+            problems.push("audit.retention must be at least 1d".to_owned());
         }
     }
 
@@ -951,6 +1124,7 @@ mod tests {
 
     #[test]
     fn example_config_sets_exactly_the_overridable_keys() {
+        // Every scalar key of [broker] and [tls] (lists are not overridable).
         let table: toml::Table = toml::from_str(EXAMPLE_CONFIG).expect("example parses");
         let mut in_example: Vec<(String, String)> = ["broker", "tls"]
             .iter()
@@ -958,8 +1132,9 @@ mod tests {
                 table[*section]
                     .as_table()
                     .expect("section is a table")
-                    .keys()
-                    .map(|key| ((*section).to_owned(), key.clone()))
+                    .iter()
+                    .filter(|(_, value)| !value.is_array())
+                    .map(|(key, _)| ((*section).to_owned(), key.clone()))
             })
             .collect();
         let mut overridable: Vec<(String, String)> = OVERRIDABLE
@@ -1098,7 +1273,13 @@ mod tests {
                 let value = match (key, kind) {
                     (&"listen", _) => "127.0.0.1:1",
                     (_, Kind::Text) if key.ends_with("_window") => "2h",
-                    (&"handshake_timeout" | &"shutdown_grace", _) => "5s",
+                    (
+                        &"handshake_timeout"
+                        | &"shutdown_grace"
+                        | &"max_connection_age"
+                        | &"reload_interval",
+                        _,
+                    ) => "5s",
                     (_, Kind::Text) => "some/path",
                     (&"max_message_bytes", _) => "4096",
                     (&"cache_capacity", _) => "2097152",

@@ -23,6 +23,7 @@
 //! [`pki`] makes development and test certificates; [`shutdown`] carries the
 //! stop signal to every task.
 
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod client;

@@ -19,6 +19,8 @@
 //!   before any byte is written, then renamed into place, never world-readable.
 //! - Nothing here panics on a bad file: every failure is a [`PkiError`].
 
+pub mod cli;
+
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -58,6 +60,8 @@ const DEV_SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// Errors from making, loading and writing certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    #[error("{0}")]
+    Unsupported(String),
     #[error("failed to generate a key pair")]
     GenerateKey(#[source] rcgen::Error),
     #[error("failed to sign the certificate for {subject}")]
