@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
-    let protos = ["proto/joinery/v1/broker.proto"];
+    let protos = [
+        "proto/joinery/v1/broker.proto",
+        "proto/joinery/v1/admin.proto",
+    ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::auth;
-use crate::config::{Config, TopicConfig};
-use crate::proto::{subscribe_request, Envelope, PublishRequest, PublishResponse};
+use crate::config::{Config, Marking, TopicConfig};
+use crate::proto::{self as pb, subscribe_request, Envelope, PublishRequest, PublishResponse};
 use crate::queue::{AttachError, Consumer, Subscription, SubscriptionInfo};
 use crate::storage::{
     keys, now_ms, PublishOp, Published, StorageError, Store, StoreOptions, SubState, TopicState,
@@ -31,13 +31,34 @@ pub enum BrokerError {
     TopicNotFound(String),
     #[error("subscription {0:?} does not exist on this broker")]
     SubscriptionNotFound(String),
-    #[error("agency {agency:?} may not publish to topic {topic:?} (not in its publishers)")]
-    NotPublisher { agency: String, topic: String },
+    #[error("agency {agency:?} may not publish to topic {topic:?}: it matches none of the topic's publishers [{rule}]")]
+    NotPublisher {
+        agency: String,
+        topic: String,
+        rule: String,
+    },
     #[error("subscription {subscription:?} belongs to another agency; {agency:?} may only open its own subscriptions")]
     NotOwner {
         agency: String,
         subscription: String,
     },
+    #[error(
+        "the envelope is marked {marking} but topic {topic:?} accepts at most {max} (max_marking)"
+    )]
+    MarkingAboveTopic {
+        topic: String,
+        marking: Marking,
+        max: Marking,
+    },
+    #[error("agency {agency:?} has clearance {clearance} but subscription {subscription:?} carries up to {needed}")]
+    InsufficientClearance {
+        agency: String,
+        subscription: String,
+        clearance: Marking,
+        needed: Marking,
+    },
+    #[error("agency {0:?} is not an operator of this broker (broker.operators)")]
+    NotOperator(String),
     #[error("the request has no envelope")]
     MissingEnvelope,
     #[error("invalid envelope: {0}")]
@@ -121,6 +142,8 @@ struct Inner {
     streams: Mutex<HashMap<String, usize>>,
     /// Free bytes on the data directory's file system at the last check.
     free_disk: AtomicU64,
+    /// Refused requests since start, by stable reason.
+    refusals: Mutex<HashMap<&'static str, u64>>,
 }
 
 /// Publish-rate limiter: refills `rate` tokens a second, holds at most `rate`.
@@ -186,6 +209,7 @@ impl Broker {
             cache_capacity: b.cache_capacity,
             dedup_window: b.dedup_window,
             max_batch: b.max_batch,
+            audit_retention: config.audit.enabled.then_some(config.audit.retention),
         };
         let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
         let subs: Vec<(String, String)> = config
@@ -260,6 +284,7 @@ impl Broker {
                 rates: Mutex::new(HashMap::new()),
                 streams: Mutex::new(HashMap::new()),
                 free_disk: AtomicU64::new(free_disk),
+                refusals: Mutex::new(HashMap::new()),
             }),
         };
         tasks.push(tokio::spawn(tick(broker.clone(), shutdown)));
@@ -311,6 +336,7 @@ impl Broker {
             return Err(BrokerError::NotPublisher {
                 agency: caller.to_string(),
                 topic: request.topic.clone(),
+                rule: topic.config.publishers.join(", "),
             });
         }
         self.check_rate(caller)?;
@@ -347,6 +373,7 @@ impl Broker {
             Some(keys::dedup(topic.state.id, caller, &envelope.message_id))
         };
         let message_id = envelope.message_id.clone();
+        let digest = crate::audit::payload_digest(&envelope.payload);
         let (reply, rx) = oneshot::channel();
         self.inner
             .store
@@ -356,6 +383,10 @@ impl Broker {
                 dedup_key,
                 publish_ms: now,
                 expires_ms,
+                sender: caller.to_string(),
+                message_id: message_id.clone(),
+                message_type: envelope.message_type.clone(),
+                digest,
                 envelope: envelope.encode_to_vec(),
                 reply,
             })
@@ -380,6 +411,28 @@ impl Broker {
             });
         }
         envelope.sender = caller.to_string();
+        let marking = match pb::Marking::try_from(envelope.marking) {
+            Ok(pb::Marking::Unspecified | pb::Marking::Official) => Marking::Official,
+            Ok(pb::Marking::OfficialSensitive) => Marking::OfficialSensitive,
+            Err(_) => {
+                return invalid(format!(
+                    "marking {} is not a known marking",
+                    envelope.marking
+                ))
+            }
+        };
+        if marking > topic.max_marking {
+            return Err(BrokerError::MarkingAboveTopic {
+                topic: topic.name.clone(),
+                marking,
+                max: topic.max_marking,
+            });
+        }
+        // Unset means OFFICIAL: say so explicitly to every consumer.
+        envelope.marking = match marking {
+            Marking::Official => pb::Marking::Official as i32,
+            Marking::OfficialSensitive => pb::Marking::OfficialSensitive as i32,
+        };
         if envelope.message_type.is_empty() {
             return invalid("message_type is required (the payload's fully-qualified protobuf type, e.g. interop.referral.v1.SafeguardingReferral)".into());
         }
@@ -470,6 +523,47 @@ impl Broker {
         Ok(())
     }
 
+    /// Counts and audits a refused request. `agency` is the caller (or a
+    /// description of an unidentified one); `reason` its stable reason.
+    pub async fn record_refusal(
+        &self,
+        agency: &str,
+        topic: &str,
+        subscription: &str,
+        reason: &'static str,
+    ) {
+        if matches!(reason, "shutting_down" | "storage_unavailable") {
+            return; // the broker's state, not the caller's request
+        }
+        *lock(&self.inner.refusals).entry(reason).or_insert(0) += 1;
+        let mut event = crate::audit::AuditEvent::new(crate::audit::EventKind::Denied, agency);
+        event.topic = topic.to_string();
+        event.subscription = subscription.to_string();
+        event.reason = reason.to_string();
+        if let Err(e) = self.inner.store.audit(event).await {
+            tracing::warn!(cause = %e, reason, "could not record a refused request");
+        }
+    }
+
+    /// Refused requests since start, by reason.
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        let mut out: Vec<_> = lock(&self.inner.refusals)
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Refuses `caller` unless it is one of `broker.operators`.
+    pub fn check_operator(&self, caller: &str) -> Result<(), BrokerError> {
+        if auth::allowed(&self.inner.config.broker.operators, caller) {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOperator(caller.to_string()))
+        }
+    }
+
     /// Counts a new stream of `agency` against `max_streams_per_agency`.
     pub fn stream_permit(&self, agency: &str) -> Result<StreamPermit, BrokerError> {
         let max = self.inner.config.broker.max_streams_per_agency;
@@ -506,6 +600,25 @@ impl Broker {
             return Err(BrokerError::NotOwner {
                 agency: caller.to_string(),
                 subscription: open.subscription.clone(),
+            });
+        }
+        // Config validation already refuses this; checked again so a future
+        // change there cannot let an under-cleared agency read.
+        let config = &self.inner.config;
+        let clearance = config
+            .agency(caller)
+            .map(|a| a.clearance)
+            .unwrap_or_default();
+        let needed = config
+            .topic(&sub.info.topic_name)
+            .map(|t| t.max_marking)
+            .unwrap_or_default();
+        if clearance < needed {
+            return Err(BrokerError::InsufficientClearance {
+                agency: caller.to_string(),
+                subscription: open.subscription.clone(),
+                clearance,
+                needed,
             });
         }
         let b = &self.inner.config.broker;

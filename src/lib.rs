@@ -45,7 +45,6 @@ pub mod proto {
         tonic::include_file_descriptor_set!("joinery_descriptor");
 }
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,20 +83,27 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let stop = shutdown::Shutdown::new();
-    let server_config = tls::load_server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let tls_state = tls::TlsState::load(&config.tls)?;
+    let identities = Arc::new(tls::IdentityResolver::from_config(&config)?);
     let (broker, tasks) = broker::Broker::start(config.clone(), stop.subscribe()).await?;
 
-    let agencies: HashSet<String> = config.agencies.iter().map(|a| a.id.clone()).collect();
-    let known: Arc<dyn Fn(&str) -> bool + Send + Sync> =
-        Arc::new(move |id: &str| agencies.contains(id));
+    // Reloads on SIGHUP and file changes; the hook is where reloads get audited.
+    let on_tls_reload: tls::OnReload = Arc::new(|_outcome: Result<(), String>| {});
+    let _tls_reloader = tls::spawn_reloader(
+        tls_state.clone(),
+        config.tls.reload_interval,
+        on_tls_reload,
+        stop.subscribe(),
+    );
     let b = &config.broker;
     let incoming = tls::tls_incoming(
         listener,
-        server_config,
-        known,
+        tls_state,
+        identities,
         tls::AcceptorSettings {
             max_connections: b.max_connections,
             handshake_timeout: b.handshake_timeout,
+            max_connection_age: config.tls.max_connection_age,
         },
         stop.subscribe(),
     );
@@ -131,6 +137,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(broker_service)
+        .add_service(proto::admin_server::AdminServer::new(
+            service::AdminService::new(broker.clone()),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown::wait(stop.subscribe()));
     let mut server = tokio::spawn(server);
     info!(listen = %b.listen, "joinery is serving");

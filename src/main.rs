@@ -199,7 +199,9 @@ fn main() -> ExitCode {
         Command::Publish(args) => runtime.block_on(publish(args)),
         Command::Subscribe(args) => runtime.block_on(subscribe(args)),
         Command::Pki { command } => joinery::pki::cli::run(command).map_err(anyhow::Error::from),
-        Command::Audit { command } => audit(command),
+        Command::Audit { command } => {
+            joinery::audit::cli::run(command).map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,11 +210,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn audit(command: joinery::audit::cli::AuditCommand) -> anyhow::Result<()> {
-    let _ = command;
-    bail!("joinery audit is not built yet")
 }
 
 fn init_tracing() {

@@ -1,3 +1,538 @@
-//! The tamper-evident audit log. Being written.
+//! The tamper-evident audit log.
+//!
+//! Every publish, delivery, ack, nack, dead letter, expiry, refused request
+//! and TLS reload becomes an [`AuditEvent`]; the storage writer appends it as
+//! a record in the **same atomic batch and flush** as the change it describes,
+//! so a publish is acknowledged only once its audit record is durable too.
+//!
+//! # Records and the chain
+//! Record `n` is stored under `a n` (big-endian) as its prost encoding
+//! ([`AuditRecord`]) followed by the 32-byte SHA-256 of that encoding. Each
+//! record holds the hash of the record before it (`prev_hash`), so:
+//! - changing any byte of a record changes its hash (caught at that record);
+//! - re-hashing an edited record breaks the next record's `prev_hash`;
+//! - removing a record leaves a gap in the sequence numbers and a broken link.
+//!
+//! Records hold ids, agencies, topic, type and the payload's SHA-256 — never
+//! the payload itself.
+//!
+//! # Retention
+//! Records older than `audit.retention` are pruned from the front. The
+//! anchor (`A`) then names the first kept record and the hash of the last
+//! pruned one, so verification starts from the anchor and the rest of the
+//! chain stays verifiable.
 
 pub mod cli;
+
+use std::sync::Arc;
+
+use prost::Message;
+use ring::digest::{digest, SHA256};
+use serde::Serialize;
+
+use crate::storage::keys;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Publish,
+    PublishDuplicate,
+    Delivery,
+    Ack,
+    Nack,
+    DeadLetter,
+    Expired,
+    Denied,
+    ConfigReload,
+}
+
+impl EventKind {
+    /// Stable name in records and exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Publish => "publish",
+            EventKind::PublishDuplicate => "publish_duplicate",
+            EventKind::Delivery => "delivery",
+            EventKind::Ack => "ack",
+            EventKind::Nack => "nack",
+            EventKind::DeadLetter => "dead_letter",
+            EventKind::Expired => "expired",
+            EventKind::Denied => "denied",
+            EventKind::ConfigReload => "config_reload",
+        }
+    }
+}
+
+/// One thing to record. Fields that do not apply stay empty.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub kind: EventKind,
+    /// The agency that acted: the publisher, the consuming agency, the caller
+    /// of a refused request.
+    pub agency: String,
+    pub topic: String,
+    pub subscription: String,
+    pub message_id: String,
+    pub message_type: String,
+    pub digest: Option<[u8; 32]>,
+    /// The message's sequence in its topic.
+    pub sequence: u64,
+    pub attempt: u32,
+    /// Dead-letter reason, refusal reason, reload outcome.
+    pub reason: String,
+}
+
+impl AuditEvent {
+    pub fn new(kind: EventKind, agency: impl Into<String>) -> Self {
+        AuditEvent {
+            kind,
+            agency: agency.into(),
+            topic: String::new(),
+            subscription: String::new(),
+            message_id: String::new(),
+            message_type: String::new(),
+            digest: None,
+            sequence: 0,
+            attempt: 0,
+            reason: String::new(),
+        }
+    }
+
+    /// Fills in the message fields from a stored message.
+    pub fn about(mut self, message: &crate::storage::StoredMessage) -> Self {
+        self.message_id = message.message_id.clone();
+        self.message_type = message.message_type.clone();
+        self.digest = Some(message.digest);
+        self.sequence = message.seq;
+        self
+    }
+}
+
+/// A stored audit record (prost encoding; field numbers are a storage contract).
+#[derive(Clone, PartialEq, Message)]
+pub struct AuditRecord {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(uint64, tag = "2")]
+    pub time_ms: u64,
+    #[prost(string, tag = "3")]
+    pub event: String,
+    #[prost(string, tag = "4")]
+    pub agency: String,
+    #[prost(string, tag = "5")]
+    pub topic: String,
+    #[prost(string, tag = "6")]
+    pub subscription: String,
+    #[prost(string, tag = "7")]
+    pub message_id: String,
+    #[prost(string, tag = "8")]
+    pub message_type: String,
+    #[prost(bytes = "vec", tag = "9")]
+    pub payload_sha256: Vec<u8>,
+    #[prost(uint64, tag = "10")]
+    pub sequence: u64,
+    #[prost(uint32, tag = "11")]
+    pub attempt: u32,
+    #[prost(string, tag = "12")]
+    pub reason: String,
+    #[prost(bytes = "vec", tag = "13")]
+    pub prev_hash: Vec<u8>,
+}
+
+/// The anchor left by pruning (prost encoding, under key `A`).
+#[derive(Clone, PartialEq, Message)]
+pub struct AuditAnchor {
+    /// The first record kept.
+    #[prost(uint64, tag = "1")]
+    pub first_seq: u64,
+    /// Hash of the last record pruned: the `prev_hash` of `first_seq`.
+    #[prost(bytes = "vec", tag = "2")]
+    pub prev_hash: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub pruned_at_ms: u64,
+}
+
+pub const HASH_LEN: usize = 32;
+const GENESIS: [u8; HASH_LEN] = [0; HASH_LEN];
+
+fn sha256(bytes: &[u8]) -> [u8; HASH_LEN] {
+    let mut out = [0u8; HASH_LEN];
+    out.copy_from_slice(digest(&SHA256, bytes).as_ref());
+    out
+}
+
+/// SHA-256 of a payload, as recorded.
+pub fn payload_digest(payload: &[u8]) -> [u8; HASH_LEN] {
+    sha256(payload)
+}
+
+/// Why the audit log could not be read or does not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit record {seq} is broken: {problem}")]
+    Broken { seq: u64, problem: String },
+    #[error("reading the audit log failed")]
+    Storage(#[from] sled::Error),
+    #[error("the audit anchor is unreadable")]
+    Anchor,
+}
+
+/// The head of the chain, kept by the storage writer.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    next_seq: u64,
+    last_hash: [u8; HASH_LEN],
+    retention_ms: u64,
+}
+
+impl Chain {
+    /// Loads the head from the tree (the last record, else the anchor, else genesis).
+    pub fn load(tree: &sled::Db, retention: std::time::Duration) -> Result<Chain, AuditError> {
+        let retention_ms = retention.as_millis() as u64;
+        if let Some(item) = tree.scan_prefix([keys::AUDIT]).next_back() {
+            let (key, value) = item?;
+            let seq = keys::be_u64(key.get(1..).unwrap_or_default()).ok_or(AuditError::Broken {
+                seq: 0,
+                problem: "unreadable key".into(),
+            })?;
+            let hash = split(&value)
+                .map(|(_, h)| h)
+                .ok_or_else(|| AuditError::Broken {
+                    seq,
+                    problem: "shorter than its hash".into(),
+                })?;
+            return Ok(Chain {
+                next_seq: seq + 1,
+                last_hash: hash,
+                retention_ms,
+            });
+        }
+        let (next_seq, last_hash) = match read_anchor(tree)? {
+            Some(anchor) => (
+                anchor.first_seq,
+                to_hash(&anchor.prev_hash).ok_or(AuditError::Anchor)?,
+            ),
+            None => (1, GENESIS),
+        };
+        Ok(Chain {
+            next_seq,
+            last_hash,
+            retention_ms,
+        })
+    }
+
+    /// The key and value of the next record; advances the head.
+    pub fn append(&mut self, event: &AuditEvent, time_ms: u64) -> ([u8; 9], Vec<u8>) {
+        let record = AuditRecord {
+            seq: self.next_seq,
+            time_ms,
+            event: event.kind.as_str().to_string(),
+            agency: event.agency.clone(),
+            topic: event.topic.clone(),
+            subscription: event.subscription.clone(),
+            message_id: event.message_id.clone(),
+            message_type: event.message_type.clone(),
+            payload_sha256: event.digest.map(|d| d.to_vec()).unwrap_or_default(),
+            sequence: event.sequence,
+            attempt: event.attempt,
+            reason: event.reason.clone(),
+            prev_hash: self.last_hash.to_vec(),
+        };
+        let mut value = record.encode_to_vec();
+        let hash = sha256(&value);
+        value.extend_from_slice(&hash);
+        let key = keys::audit(self.next_seq);
+        self.next_seq += 1;
+        self.last_hash = hash;
+        (key, value)
+    }
+
+    pub fn retention_ms(&self) -> u64 {
+        self.retention_ms
+    }
+}
+
+/// A record's encoding and its stored hash.
+fn split(value: &[u8]) -> Option<(&[u8], [u8; HASH_LEN])> {
+    let at = value.len().checked_sub(HASH_LEN)?;
+    let hash = to_hash(&value[at..])?;
+    Some((&value[..at], hash))
+}
+
+fn to_hash(bytes: &[u8]) -> Option<[u8; HASH_LEN]> {
+    bytes.try_into().ok()
+}
+
+pub fn read_anchor(tree: &sled::Db) -> Result<Option<AuditAnchor>, AuditError> {
+    match tree.get(keys::AUDIT_ANCHOR)? {
+        Some(v) => AuditAnchor::decode(&v[..])
+            .map(Some)
+            .map_err(|_| AuditError::Anchor),
+        None => Ok(None),
+    }
+}
+
+/// Records older than the retention, to prune: keys to delete and the new
+/// anchor. At most `limit` records per call.
+pub fn prune_plan(
+    tree: &sled::Db,
+    cutoff_ms: u64,
+    limit: usize,
+) -> Result<Option<(Vec<sled::IVec>, AuditAnchor)>, AuditError> {
+    let mut doomed = Vec::new();
+    let mut last: Option<(u64, [u8; HASH_LEN])> = None;
+    for item in tree.scan_prefix([keys::AUDIT]).take(limit) {
+        let (key, value) = item?;
+        let seq = keys::be_u64(key.get(1..).unwrap_or_default()).unwrap_or(0);
+        let Some((body, hash)) = split(&value) else {
+            break;
+        };
+        let Ok(record) = AuditRecord::decode(body) else {
+            break;
+        };
+        if record.time_ms >= cutoff_ms {
+            break;
+        }
+        doomed.push(key);
+        last = Some((seq, hash));
+    }
+    Ok(last.map(|(seq, hash)| {
+        (
+            doomed,
+            AuditAnchor {
+                first_seq: seq + 1,
+                prev_hash: hash.to_vec(),
+                pruned_at_ms: crate::storage::now_ms(),
+            },
+        )
+    }))
+}
+
+/// What a successful verification saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// Records before this one were pruned by retention.
+    pub anchored_at: Option<u64>,
+}
+
+/// Checks the whole chain; the error names the first broken record.
+pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
+    let anchor = read_anchor(tree)?;
+    let (mut expect_seq, mut prev) = match &anchor {
+        Some(a) => (
+            a.first_seq,
+            to_hash(&a.prev_hash).ok_or(AuditError::Anchor)?,
+        ),
+        None => (1, GENESIS),
+    };
+    let mut records = 0;
+    let mut first_seq = None;
+    for item in tree.scan_prefix([keys::AUDIT]) {
+        let (key, value) = item?;
+        let seq = keys::be_u64(key.get(1..).unwrap_or_default()).ok_or(AuditError::Broken {
+            seq: expect_seq,
+            problem: "unreadable key".into(),
+        })?;
+        let broken = |problem: String| AuditError::Broken { seq, problem };
+        if seq != expect_seq {
+            return Err(if seq > expect_seq {
+                AuditError::Broken {
+                    seq: expect_seq,
+                    problem: format!(
+                        "missing: record {} is followed by record {seq}",
+                        expect_seq.saturating_sub(1)
+                    ),
+                }
+            } else {
+                broken(format!("out of order: expected record {expect_seq}"))
+            });
+        }
+        let (body, stored) = split(&value).ok_or_else(|| broken("truncated".into()))?;
+        if sha256(body) != stored {
+            return Err(broken(
+                "altered: its content does not match its hash".into(),
+            ));
+        }
+        let record = AuditRecord::decode(body).map_err(|e| broken(format!("unreadable: {e}")))?;
+        if record.seq != seq {
+            return Err(broken(format!(
+                "altered: it says it is record {}",
+                record.seq
+            )));
+        }
+        if record.prev_hash != prev {
+            return Err(broken(format!(
+                "the chain is broken here: its previous-record hash does not match record {}",
+                seq.saturating_sub(1)
+            )));
+        }
+        prev = stored;
+        first_seq.get_or_insert(seq);
+        expect_seq = seq + 1;
+        records += 1;
+    }
+    Ok(Verified {
+        records,
+        first_seq,
+        last_seq: first_seq.map(|_| expect_seq - 1),
+        anchored_at: anchor.map(|a| a.first_seq),
+    })
+}
+
+/// A record as exported (JSON lines).
+#[derive(Debug, Clone, Serialize)]
+pub struct Exported {
+    pub seq: u64,
+    pub time: String,
+    pub time_ms: u64,
+    pub event: String,
+    pub agency: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub topic: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub subscription: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message_type: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub payload_sha256: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sequence: u64,
+    #[serde(skip_serializing_if = "is_zero32")]
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub hash: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero32(v: &u32) -> bool {
+    *v == 0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Records at or after `since_ms` (and of `agency`, when given), in order.
+pub fn export(
+    tree: &sled::Db,
+    since_ms: u64,
+    agency: Option<&str>,
+    mut sink: impl FnMut(Exported) -> std::io::Result<()>,
+) -> Result<u64, ExportError> {
+    let mut n = 0;
+    for item in tree.scan_prefix([keys::AUDIT]) {
+        let (key, value) = item?;
+        let seq = keys::be_u64(key.get(1..).unwrap_or_default()).unwrap_or(0);
+        let (body, hash) = split(&value).ok_or(ExportError::Unreadable(seq))?;
+        let r = AuditRecord::decode(body).map_err(|_| ExportError::Unreadable(seq))?;
+        if r.time_ms < since_ms || agency.is_some_and(|a| a != r.agency) {
+            continue;
+        }
+        let time = humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.time_ms),
+        )
+        .to_string();
+        sink(Exported {
+            seq: r.seq,
+            time,
+            time_ms: r.time_ms,
+            event: r.event,
+            agency: r.agency,
+            topic: r.topic,
+            subscription: r.subscription,
+            message_id: r.message_id,
+            message_type: r.message_type,
+            payload_sha256: hex(&r.payload_sha256),
+            sequence: r.sequence,
+            attempt: r.attempt,
+            reason: r.reason,
+            hash: hex(&hash),
+        })
+        .map_err(ExportError::Write)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Why an export stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("reading the audit log failed")]
+    Storage(#[from] sled::Error),
+    #[error("audit record {0} is unreadable; run `joinery audit verify`")]
+    Unreadable(u64),
+    #[error("writing the export failed")]
+    Write(#[source] std::io::Error),
+}
+
+/// Where the broker sends audit events (the store's writer), cheap to clone.
+pub type Sink = Arc<dyn Fn(AuditEvent) + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn append(db: &sled::Db, chain: &mut Chain, time_ms: u64) {
+        let (key, value) = chain.append(&AuditEvent::new(EventKind::Publish, "police"), time_ms);
+        db.insert(key, value).unwrap();
+    }
+
+    #[test]
+    fn pruning_keeps_the_rest_of_the_chain_verifiable() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let retention = Duration::from_secs(86400);
+        let mut chain = Chain::load(&db, retention).unwrap();
+        for i in 0..10 {
+            append(&db, &mut chain, 1_000 + i);
+        }
+        for i in 0..5 {
+            append(&db, &mut chain, 10_000_000 + i);
+        }
+        assert_eq!(verify(&db).unwrap().records, 15);
+
+        let (doomed, anchor) = prune_plan(&db, 5_000_000, 100).unwrap().unwrap();
+        assert_eq!((doomed.len(), anchor.first_seq), (10, 11));
+        for key in doomed {
+            db.remove(key).unwrap();
+        }
+        db.insert(keys::AUDIT_ANCHOR, anchor.encode_to_vec())
+            .unwrap();
+        let v = verify(&db).unwrap();
+        assert_eq!(
+            (v.records, v.first_seq, v.anchored_at),
+            (5, Some(11), Some(11))
+        );
+
+        // The chain goes on from its head after a reload.
+        let mut chain = Chain::load(&db, retention).unwrap();
+        append(&db, &mut chain, 20_000_000);
+        assert_eq!(verify(&db).unwrap().last_seq, Some(16));
+
+        // Removing the first kept record is still caught.
+        db.remove(keys::audit(11)).unwrap();
+        match verify(&db) {
+            Err(AuditError::Broken { seq, .. }) => assert_eq!(seq, 11),
+            other => panic!("expected record 11 broken, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_log_verifies_and_starts_at_one() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let v = verify(&db).unwrap();
+        assert_eq!((v.records, v.first_seq), (0, None));
+        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
+        let (key, _) = chain.append(&AuditEvent::new(EventKind::Denied, "x"), 1);
+        assert_eq!(key, keys::audit(1));
+    }
+}

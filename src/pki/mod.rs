@@ -8,6 +8,10 @@
 //! development PKI that `joinery serve` creates on first start with the default
 //! config, and [`write_pem`] is the one place that writes PEM files.
 //!
+//! `joinery pki` ([`cli`]) manages a CA directory ([`CaDir`]): the CA, the index
+//! of issued certificates ([`index`]) and the CRL ([`crl`]) that brokers load
+//! through `[tls] crl`.
+//!
 //! Invariants:
 //! - Every issued certificate has a fresh key pair and a random 16-byte positive
 //!   serial; [`IssuedCert::serial`] is the lowercase hex of the serial's DER content
@@ -19,7 +23,14 @@
 //!   before any byte is written, then renamed into place, never world-readable.
 //! - Nothing here panics on a bad file: every failure is a [`PkiError`].
 
+mod ca_dir;
 pub mod cli;
+mod crl;
+mod index;
+
+pub use ca_dir::{CaDir, CrlSummary, IssuedFiles, Revocation, DEFAULT_CRL_VALIDITY};
+pub use crl::{normalize_serial, parse_crl, CrlInfo, RevocationReason, RevokedSerial};
+pub use index::{CertKind, CertStatus, Index, IndexEntry};
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
@@ -80,6 +91,8 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
+    #[error("{name:?} is not a valid DNS name or IP address: {reason}")]
+    BadServerName { name: String, reason: &'static str },
     #[error("a server certificate needs at least one DNS name or IP address")]
     NoServerNames,
     #[error("invalid CA certificate: {reason}")]
@@ -105,6 +118,33 @@ pub enum PkiError {
         ca: PathBuf,
         dir: PathBuf,
     },
+    #[error("the CA name must not be empty")]
+    InvalidName,
+    #[error("a CA already exists in {dir} ({path} is there); refusing to overwrite it: choose another --dir, or remove the directory if you really mean to start a new CA")]
+    CaExists { dir: PathBuf, path: PathBuf },
+    #[error("no CA in {dir}: run `joinery pki init --dir {dir}` first, or pass the --dir that holds ca.pem and ca.key")]
+    NoCa { dir: PathBuf },
+    #[error("{path} already exists; pass --force to replace it (the certificate it holds stays valid until it expires or you revoke it)")]
+    OutputExists { path: PathBuf },
+    #[error("invalid {what} validity: {reason}")]
+    InvalidDays { what: &'static str, reason: String },
+    #[error("invalid serial {serial:?}: {reason}")]
+    InvalidSerial {
+        serial: String,
+        reason: &'static str,
+    },
+    #[error("serial {serial} is not in {index}: this CA did not issue it (`openssl x509 -noout -serial -in CERT.pem` prints a certificate's serial)")]
+    UnknownSerial { serial: String, index: PathBuf },
+    #[error("{path} line {line}: {reason}")]
+    BadIndex {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{what} is not a usable CRL: {reason}")]
+    BadCrl { what: String, reason: String },
+    #[error("failed to sign the CRL")]
+    SignCrl(#[source] rcgen::Error),
 }
 
 /// A certificate and private key issued by a [`CertificateAuthority`].
@@ -170,6 +210,13 @@ impl CertificateAuthority {
         self.issuer.key().serialize_pem()
     }
 
+    /// When the CA certificate expires.
+    pub fn not_after(&self) -> Result<SystemTime, PkiError> {
+        ca_dir::cert_not_after(&self.cert_pem).ok_or_else(|| PkiError::InvalidCaCert {
+            reason: "cannot read its expiry time".into(),
+        })
+    }
+
     /// Reloads a CA from its certificate and key so it can issue more certificates.
     ///
     /// Checks that the certificate is a CA, that the key belongs to it, and that
@@ -232,13 +279,22 @@ impl CertificateAuthority {
     /// Issues a client certificate for an agency: CN and URI SAN
     /// `urn:joinery:agency:<id>`, extended key usage clientAuth, two-year validity.
     pub fn issue_agency(&self, agency_id: &str) -> Result<IssuedCert, PkiError> {
+        self.issue_agency_valid_for(agency_id, LEAF_VALIDITY)
+    }
+
+    /// [`Self::issue_agency`] valid for `validity` from now.
+    pub fn issue_agency_valid_for(
+        &self,
+        agency_id: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
         validate_agency_id(agency_id)?;
         let uri = format!("{AGENCY_URI_PREFIX}{agency_id}");
         let uri = Ia5String::try_from(uri).map_err(|_| PkiError::InvalidAgencyId {
             id: agency_id.to_owned(),
             reason: "it must be ASCII",
         })?;
-        let mut params = leaf_params(agency_id);
+        let mut params = leaf_params(agency_id, validity);
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue_with(params)
@@ -248,20 +304,32 @@ impl CertificateAuthority {
     /// Names that parse as IP addresses become IP SANs, the others DNS SANs; the
     /// first name is also the subject CN.
     pub fn issue_server(&self, dns_names: &[String]) -> Result<IssuedCert, PkiError> {
+        self.issue_server_valid_for(dns_names, LEAF_VALIDITY)
+    }
+
+    /// [`Self::issue_server`] valid for `validity` from now.
+    pub fn issue_server_valid_for(
+        &self,
+        dns_names: &[String],
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
         let first = dns_names.first().ok_or(PkiError::NoServerNames)?;
         let sans = dns_names
             .iter()
             .map(|name| match name.parse::<IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => Ia5String::try_from(name.as_str())
-                    .map(SanType::DnsName)
-                    .map_err(|source| PkiError::InvalidServerName {
-                        name: name.clone(),
-                        source,
-                    }),
+                Err(_) => {
+                    validate_dns_name(name)?;
+                    Ia5String::try_from(name.as_str())
+                        .map(SanType::DnsName)
+                        .map_err(|source| PkiError::InvalidServerName {
+                            name: name.clone(),
+                            source,
+                        })
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut params = leaf_params(first);
+        let mut params = leaf_params(first, validity);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue_with(params)
@@ -498,8 +566,36 @@ fn validate_agency_id(id: &str) -> Result<(), PkiError> {
     }
 }
 
-/// Parameters shared by agency and server certificates.
-fn leaf_params(common_name: &str) -> CertificateParams {
+/// A DNS name for a server certificate: dot-separated labels of ASCII letters,
+/// digits and `-` (not at either end of a label), each 1 to 63 characters, at
+/// most 253 in all; the first label may be the wildcard `*`.
+fn validate_dns_name(name: &str) -> Result<(), PkiError> {
+    let bad = |reason| PkiError::BadServerName {
+        name: name.to_owned(),
+        reason,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("a DNS name has 1 to 253 characters"));
+    }
+    for (i, label) in name.split('.').enumerate() {
+        let ok = (i == 0 && label == "*")
+            || (!label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        if !ok {
+            return Err(bad(
+                "each dot-separated label must be 1-63 ASCII letters, digits or '-', not starting or ending with '-'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parameters shared by agency and server certificates, valid for `validity`.
+fn leaf_params(common_name: &str, validity: Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
@@ -508,7 +604,7 @@ fn leaf_params(common_name: &str) -> CertificateParams {
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, LEAF_VALIDITY);
+    set_validity(&mut params, validity);
     params
 }
 
@@ -808,6 +904,25 @@ mod tests {
         let eku = x509.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth);
         assert!(matches!(ca.issue_server(&[]), Err(PkiError::NoServerNames)));
+        for bad in [
+            "not a name",
+            "",
+            "-x.example",
+            "a..b",
+            "caf\u{e9}.uk",
+            "x_y.uk",
+        ] {
+            assert!(
+                matches!(
+                    ca.issue_server(&[bad.to_string()]),
+                    Err(PkiError::BadServerName { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        for good in ["*.leeds.gov.uk", "broker-1.example.", "localhost"] {
+            assert!(ca.issue_server(&[good.to_string()]).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

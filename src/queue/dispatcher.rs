@@ -15,6 +15,7 @@ use tonic::Status;
 use tracing::{debug, error, info, warn};
 
 use super::{AttachError, Event, SubscriptionInfo};
+use crate::audit::{AuditEvent, EventKind};
 use crate::proto::{Delivery, Envelope};
 use crate::storage::{
     now_ms, DeadReason, Outcome, Pending, Store, StoredMessage, SubState, TopicState,
@@ -196,6 +197,7 @@ impl Dispatcher {
             } => {
                 for id in ids {
                     if let Some(item) = self.take_in_flight(consumer, id) {
+                        self.audit(EventKind::Nack, &item).await;
                         self.requeue(item, delay).await;
                     }
                 }
@@ -207,6 +209,21 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// Records what happened to a delivery (the store drops it when the
+    /// audit log is off).
+    async fn audit(&self, kind: EventKind, item: &Item) {
+        if !self.store.audit_enabled() {
+            return;
+        }
+        let mut event = AuditEvent::new(kind, self.info.owner.clone()).about(&item.message);
+        event.topic = self.info.topic_name.clone();
+        event.subscription = self.info.name.clone();
+        event.attempt = item.attempts;
+        if let Err(e) = self.store.audit(event).await {
+            warn!(cause = %e, seq = item.seq, "could not record an audit event");
         }
     }
 
@@ -318,6 +335,7 @@ impl Dispatcher {
                 self.topic.clone(),
                 item.message,
                 outcome,
+                self.info.owner.clone(),
             )
             .await
         {
@@ -406,6 +424,9 @@ impl Dispatcher {
                     seq,
                     publish_ms: 0,
                     expires_ms: 0,
+                    digest: [0; 32],
+                    message_id: String::new(),
+                    message_type: String::new(),
                     envelope: Bytes::new(),
                 });
                 let item = Item {
@@ -482,13 +503,15 @@ impl Dispatcher {
                         *credit -= 1;
                     }
                     item.attempts += 1;
+                    let consumer = slot.id;
+                    self.audit(EventKind::Delivery, &item).await;
                     let deadline = Instant::now() + self.info.ack_deadline;
                     self.deadlines.insert((deadline, id));
                     self.in_flight.insert(
                         id,
                         InFlight {
                             item,
-                            consumer: slot.id,
+                            consumer,
                             deadline,
                         },
                     );

@@ -9,12 +9,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn, Instrument};
 
-use super::status::to_status;
+use super::status::{classify, to_status};
 use crate::auth::agency_of;
 use crate::broker::{Broker, BrokerError, PendingPublish};
 use crate::proto::broker_server;
 use crate::proto::subscribe_request::Request as SubRequest;
 use crate::proto::{Delivery, PublishRequest, PublishResponse, SubscribeRequest};
+use crate::tls::PeerInfo;
 
 /// Publishes one PublishStream may have waiting for durability at once.
 const PIPELINE: usize = 1024;
@@ -35,20 +36,53 @@ impl BrokerService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The caller's agency, or who it seemed to be and why it was refused.
+pub(crate) fn identify<T>(request: &Request<T>) -> Result<String, (String, BrokerError)> {
+    agency_of(request).map_err(|e| {
+        let who = match request.extensions().get::<PeerInfo>() {
+            Some(peer) => format!("unidentified@{}", peer.remote_addr),
+            None => "unidentified".to_string(),
+        };
+        (who, e.into())
+    })
+}
+
+/// Counts, audits and answers a refused request.
+pub(crate) async fn refuse(
+    broker: &Broker,
+    agency: &str,
+    topic: &str,
+    subscription: &str,
+    err: BrokerError,
+) -> Status {
+    let (_, reason) = classify(&err);
+    broker
+        .record_refusal(agency, topic, subscription, reason)
+        .await;
+    to_status(err)
+}
+
 #[tonic::async_trait]
 impl broker_server::Broker for BrokerService {
     async fn publish(
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let caller = agency_of(&request).map_err(|e| to_status(e.into()))?;
-        let pending = self
-            .broker
-            .submit(&caller, request.into_inner())
-            .await
-            .map_err(to_status)?;
-        let response = pending.wait().await.map_err(to_status)?;
-        Ok(Response::new(response))
+        let caller = match identify(&request) {
+            Ok(caller) => caller,
+            Err((who, e)) => return Err(refuse(&self.broker, &who, "", "", e).await),
+        };
+        let request = request.into_inner();
+        let topic = request.topic.clone();
+        let refused = |e| refuse(&self.broker, &caller, &topic, "", e);
+        let pending = match self.broker.submit(&caller, request).await {
+            Ok(pending) => pending,
+            Err(e) => return Err(refused(e).await),
+        };
+        match pending.wait().await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(e) => Err(refused(e).await),
+        }
     }
 
     type PublishStreamStream = BoxStream<PublishResponse>;
@@ -57,16 +91,23 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let caller = agency_of(&request).map_err(|e| to_status(e.into()))?;
-        let permit = self.broker.stream_permit(&caller).map_err(to_status)?;
+        let caller = match identify(&request) {
+            Ok(caller) => caller,
+            Err((who, e)) => return Err(refuse(&self.broker, &who, "", "", e).await),
+        };
+        let permit = match self.broker.stream_permit(&caller) {
+            Ok(permit) => permit,
+            Err(e) => return Err(refuse(&self.broker, &caller, "", "", e).await),
+        };
         let span = tracing::info_span!("publish_stream", agency = %caller);
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) =
-            mpsc::channel::<Result<PendingPublish, BrokerError>>(PIPELINE);
+            mpsc::channel::<Result<PendingPublish, (String, BrokerError)>>(PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(PIPELINE);
 
         // Reader: validate and submit each request without waiting for its
         // flush, so a pipelining client's publishes share group commits.
+        let agency = caller.clone();
         let broker = self.broker.clone();
         let mut shutdown = broker.shutdown_signal();
         tokio::spawn(
@@ -81,9 +122,8 @@ impl broker_server::Broker for BrokerService {
                         Ok(None) => break,
                         Err(status) if status.code() == tonic::Code::OutOfRange => {
                             // tonic's frame-size limit: answer it like any oversized message.
-                            let _ = pending_tx
-                                .send(Err(BrokerError::RequestTooLarge(status.message().into())))
-                                .await;
+                            let err = BrokerError::RequestTooLarge(status.message().into());
+                            let _ = pending_tx.send(Err((String::new(), err))).await;
                             break;
                         }
                         Err(status) => {
@@ -91,7 +131,11 @@ impl broker_server::Broker for BrokerService {
                             break;
                         }
                     };
-                    let submitted = broker.submit(&caller, request).await;
+                    let topic = request.topic.clone();
+                    let submitted = broker
+                        .submit(&caller, request)
+                        .await
+                        .map_err(|e| (topic, e));
                     let failed = submitted.is_err();
                     if pending_tx.send(submitted).await.is_err() || failed {
                         break;
@@ -101,12 +145,13 @@ impl broker_server::Broker for BrokerService {
             .instrument(span.clone()),
         );
         // Responder: answer in request order as each becomes durable.
+        let broker = self.broker.clone();
         tokio::spawn(
             async move {
                 let _permit = permit;
                 while let Some(submitted) = pending_rx.recv().await {
                     let answer = match submitted {
-                        Ok(pending) => pending.wait().await,
+                        Ok(pending) => pending.wait().await.map_err(|e| (String::new(), e)),
                         Err(e) => Err(e),
                     };
                     match answer {
@@ -115,8 +160,9 @@ impl broker_server::Broker for BrokerService {
                                 break;
                             }
                         }
-                        Err(e) => {
-                            let _ = out_tx.send(Err(to_status(e))).await;
+                        Err((topic, e)) => {
+                            let status = refuse(&broker, &agency, &topic, "", e).await;
+                            let _ = out_tx.send(Err(status)).await;
                             break;
                         }
                     }
@@ -133,18 +179,31 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = agency_of(&request).map_err(|e| to_status(e.into()))?;
-        let permit = self.broker.stream_permit(&caller).map_err(to_status)?;
+        let caller = match identify(&request) {
+            Ok(caller) => caller,
+            Err((who, e)) => return Err(refuse(&self.broker, &who, "", "", e).await),
+        };
+        let broker = &self.broker;
+        let permit = match broker.stream_permit(&caller) {
+            Ok(permit) => permit,
+            Err(e) => return Err(refuse(broker, &caller, "", "", e).await),
+        };
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(OPEN_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(first))) => first,
-            Ok(Ok(None)) | Err(_) => return Err(to_status(BrokerError::NotOpened)),
+            Ok(Ok(None)) | Err(_) => {
+                return Err(refuse(broker, &caller, "", "", BrokerError::NotOpened).await)
+            }
             Ok(Err(status)) => return Err(status),
         };
         let Some(SubRequest::Open(open)) = first.request else {
-            return Err(to_status(BrokerError::NotOpened));
+            return Err(refuse(broker, &caller, "", "", BrokerError::NotOpened).await);
         };
-        let (sub, mut consumer) = self.broker.open(&caller, open).await.map_err(to_status)?;
+        let name = open.subscription.clone();
+        let (sub, mut consumer) = match broker.open(&caller, open).await {
+            Ok(opened) => opened,
+            Err(e) => return Err(refuse(broker, &caller, "", &name, e).await),
+        };
         let deliveries = consumer
             .take_deliveries()
             .ok_or_else(|| to_status(BrokerError::ShuttingDown))?;

@@ -14,14 +14,18 @@ use crate::queue::AttachError;
 /// Metadata key carrying the stable reason of a refusal.
 pub const REASON_KEY: &str = "joinery-reason";
 
-pub fn to_status(err: BrokerError) -> Status {
+/// The status code and stable reason of a refusal.
+pub fn classify(err: &BrokerError) -> (Code, &'static str) {
     use BrokerError::*;
-    let (code, reason) = match &err {
+    match err {
         Unauthenticated(_) => (Code::Unauthenticated, "unauthenticated"),
         TopicNotFound(_) => (Code::NotFound, "topic_not_found"),
         SubscriptionNotFound(_) => (Code::NotFound, "subscription_not_found"),
         NotPublisher { .. } => (Code::PermissionDenied, "not_a_publisher"),
         NotOwner { .. } => (Code::PermissionDenied, "not_subscription_owner"),
+        MarkingAboveTopic { .. } => (Code::PermissionDenied, "marking_above_topic"),
+        InsufficientClearance { .. } => (Code::PermissionDenied, "insufficient_clearance"),
+        NotOperator(_) => (Code::PermissionDenied, "not_an_operator"),
         MissingEnvelope => (Code::InvalidArgument, "missing_envelope"),
         InvalidEnvelope(_) => (Code::InvalidArgument, "invalid_envelope"),
         TypeNotAccepted { .. } => (Code::InvalidArgument, "type_not_accepted"),
@@ -39,15 +43,21 @@ pub fn to_status(err: BrokerError) -> Status {
         TooManyStreams { .. } => (Code::ResourceExhausted, "too_many_streams"),
         DiskLow { .. } => (Code::Unavailable, "disk_low"),
         Attach(AttachError::ShuttingDown) | ShuttingDown => (Code::Unavailable, "shutting_down"),
-        Storage(cause) => {
-            error!(cause = %cause, "storage failure answered as UNAVAILABLE");
-            return with_reason(
-                Code::Unavailable,
-                "storage_unavailable",
-                "the broker cannot store messages right now; retry later (operators: see the broker log)".into(),
-            );
-        }
-    };
+        Storage(_) => (Code::Unavailable, "storage_unavailable"),
+    }
+}
+
+pub fn to_status(err: BrokerError) -> Status {
+    let (code, reason) = classify(&err);
+    if let BrokerError::Storage(cause) = &err {
+        error!(cause = %cause, "storage failure answered as UNAVAILABLE");
+        return with_reason(
+            code,
+            reason,
+            "the broker cannot store messages right now; retry later (operators: see the broker log)"
+                .into(),
+        );
+    }
     with_reason(code, reason, err.to_string())
 }
 

@@ -22,6 +22,10 @@ pub const NEXT_SEQ: u8 = b's';
 pub const COUNTERS: u8 = b'k';
 /// Name registry: `n t <topic name>` → topic(4); `n s <subscription name>` → sub(4) topic(4).
 pub const NAME: u8 = b'n';
+/// Audit record: `a seq(8)` → record and its hash (see [`crate::audit`]).
+pub const AUDIT: u8 = b'a';
+/// Audit anchor left by pruning: `A` → [`crate::audit::AuditAnchor`].
+pub const AUDIT_ANCHOR: &[u8] = b"A";
 /// Last id handed out to a topic or subscription: `c` → id(4).
 pub const ID_COUNTER: &[u8] = b"c";
 /// On-disk format version: `v` → u32.
@@ -37,6 +41,13 @@ pub fn pending(sub: u32, seq: u64) -> [u8; 13] {
 
 pub fn dead(sub: u32, seq: u64) -> [u8; 13] {
     id_seq(DEAD, sub, seq)
+}
+
+pub fn audit(seq: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = AUDIT;
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
 }
 
 pub fn next_seq(topic: u32) -> [u8; 5] {

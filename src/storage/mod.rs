@@ -45,7 +45,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-pub use records::{DeadLetter, DeadReason, Pending, StoredMessage};
+pub use records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
+
+use crate::audit::{AuditEvent, Chain};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,8 @@ pub struct StoreOptions {
     pub cache_capacity: u64,
     pub dedup_window: Duration,
     pub max_batch: usize,
+    /// Audit log retention; None turns the audit log off.
+    pub audit_retention: Option<Duration>,
 }
 
 /// A topic as the store sees it.
@@ -166,6 +170,12 @@ pub struct PublishOp {
     pub dedup_key: Option<Vec<u8>>,
     pub publish_ms: u64,
     pub expires_ms: u64,
+    /// The publishing agency (for the audit log).
+    pub sender: String,
+    pub message_id: String,
+    pub message_type: String,
+    /// SHA-256 of the payload.
+    pub digest: [u8; 32],
     pub envelope: Vec<u8>,
     pub reply: oneshot::Sender<Result<Published, StorageError>>,
 }
@@ -185,7 +195,11 @@ pub(crate) enum Op {
         topic: Arc<TopicState>,
         message: Arc<StoredMessage>,
         outcome: Outcome,
+        /// The subscription's owner (for the audit log).
+        agency: String,
     },
+    /// An audit record with no other change (delivery, nack, refusal, reload).
+    Audit(Box<AuditEvent>),
     /// Persist a pending entry's attempts / not-before (redelivery, nack).
     Requeue {
         sub: u32,
@@ -240,6 +254,7 @@ struct Inner {
     subs: HashMap<String, Arc<SubState>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<FlushStats>,
+    audit_enabled: bool,
 }
 
 const FORMAT_VERSION: u32 = 1;
@@ -340,6 +355,17 @@ impl Store {
 
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let stats = Arc::new(FlushStats::default());
+        let audit = match options.audit_retention {
+            Some(retention) => {
+                Some(
+                    Chain::load(&db, retention).map_err(|e| StorageError::Corrupt {
+                        what: format!("audit log head: {e}"),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let audit_enabled = audit.is_some();
         let writer = writer::Writer::new(
             db.clone(),
             dir,
@@ -347,6 +373,7 @@ impl Store {
             options,
             topic_states.values().cloned().collect(),
             stats.clone(),
+            audit,
         )?;
         let handle = std::thread::Builder::new()
             .name("joinery-writer".into())
@@ -363,6 +390,7 @@ impl Store {
                 subs,
                 writer: Mutex::new(Some(handle)),
                 stats,
+                audit_enabled,
             }),
         })
     }
@@ -393,14 +421,43 @@ impl Store {
         topic: Arc<TopicState>,
         message: Arc<StoredMessage>,
         outcome: Outcome,
+        agency: String,
     ) -> Result<(), StorageError> {
         self.send(Op::Settle {
             sub,
             topic,
             message,
             outcome,
+            agency,
         })
         .await
+    }
+
+    /// Queues an audit record (no-op when the audit log is off). Not waited for.
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), StorageError> {
+        if !self.inner.audit_enabled {
+            return Ok(());
+        }
+        self.send(Op::Audit(Box::new(event))).await
+    }
+
+    /// Queues an audit record without waiting for room (for callers that
+    /// cannot await); dropped, with a log line, when the writer is swamped.
+    pub fn audit_now(&self, event: AuditEvent) {
+        if self.inner.audit_enabled {
+            if let Err(e) = self.inner.tx.try_send(Op::Audit(Box::new(event))) {
+                tracing::error!(cause = %e, "audit record dropped: the writer queue is full");
+            }
+        }
+    }
+
+    pub fn audit_enabled(&self) -> bool {
+        self.inner.audit_enabled
+    }
+
+    /// The underlying sled database, for audit verification and export.
+    pub fn db(&self) -> &sled::Db {
+        &self.inner.tree
     }
 
     /// Queues an update of a pending entry's attempts and not-before time.
@@ -519,7 +576,7 @@ impl Store {
     }
 }
 
-fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
+pub(crate) fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_capacity)
@@ -647,6 +704,23 @@ fn read_counters(db: &sled::Db, sub: u32) -> Result<(u64, u64), StorageError> {
     }
 }
 
+/// Opens an existing store's sled database without changing anything (for
+/// offline audit verification and export). The broker must not be running on it.
+pub fn open_existing(dir: &Path) -> Result<sled::Db, StorageError> {
+    if !dir.join(FORMAT_MARKER).exists() {
+        return Err(StorageError::Corrupt {
+            what: format!("{} holds no joinery store", dir.display()),
+        });
+    }
+    let db = open_sled(dir, 16 << 20)?;
+    match db.get(keys::FORMAT)? {
+        Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => Ok(db),
+        _ => Err(StorageError::Corrupt {
+            what: format!("{} could not be read as a joinery store", dir.display()),
+        }),
+    }
+}
+
 /// Milliseconds since the Unix epoch by the system clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -666,6 +740,7 @@ mod tests {
                 cache_capacity: 4 << 20,
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
+                audit_retention: Some(Duration::from_secs(86400)),
             },
             &["t".to_string(), "quiet".to_string()],
             &[
@@ -688,6 +763,10 @@ mod tests {
                 dedup_key: None,
                 publish_ms: now_ms(),
                 expires_ms: 0,
+                sender: "police".into(),
+                message_id: "m".into(),
+                message_type: "t.T".into(),
+                digest: crate::audit::payload_digest(body),
                 envelope: body.to_vec(),
                 reply,
             })
@@ -701,7 +780,7 @@ mod tests {
         let topic = store.topic("t").unwrap();
         let message = store.load_message(topic.id, seq).unwrap().unwrap();
         store
-            .settle(sub, topic, message, Outcome::Ack)
+            .settle(sub, topic, message, Outcome::Ack, "council".into())
             .await
             .unwrap();
         store.sync().await.unwrap();
@@ -735,10 +814,19 @@ mod tests {
             seq,
             publish_ms: 0,
             expires_ms: 0,
+            digest: [0; 32],
+            message_id: String::new(),
+            message_type: String::new(),
             envelope: bytes::Bytes::new(),
         });
         store
-            .settle(sub.clone(), topic.clone(), gone, Outcome::Ack)
+            .settle(
+                sub.clone(),
+                topic.clone(),
+                gone,
+                Outcome::Ack,
+                "council".into(),
+            )
             .await
             .unwrap();
         store.sync().await.unwrap();
@@ -792,6 +880,7 @@ mod tests {
                 cache_capacity: 4 << 20,
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
+                audit_retention: Some(Duration::from_secs(86400)),
             },
             &["t".to_string()],
             &[],
@@ -811,6 +900,7 @@ mod tests {
                 cache_capacity: 4 << 20,
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
+                audit_retention: Some(Duration::from_secs(86400)),
             },
             &["t".to_string(), "quiet".to_string()],
             &[("a".to_string(), "quiet".to_string())],

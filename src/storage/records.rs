@@ -18,18 +18,40 @@ pub struct StoredMessage {
     pub publish_ms: u64,
     /// Never delivered at or after this instant; 0 means never expires.
     pub expires_ms: u64,
+    /// SHA-256 of the payload, for the audit log.
+    pub digest: [u8; 32],
+    pub message_id: String,
+    pub message_type: String,
     /// The encoded `joinery.v1.Envelope`, with `sender` and `message_id` set.
     pub envelope: Bytes,
 }
 
-impl StoredMessage {
-    const HEADER: usize = 1 + 8 + 8;
+/// The header fields of a message as written by a publish.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageHeader<'a> {
+    pub publish_ms: u64,
+    pub expires_ms: u64,
+    pub digest: &'a [u8; 32],
+    pub message_id: &'a str,
+    pub message_type: &'a str,
+}
 
-    pub fn encode_value(publish_ms: u64, expires_ms: u64, envelope: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::HEADER + envelope.len());
+impl StoredMessage {
+    /// format, publish_ms, expires_ms, digest, id length, type length
+    const FIXED: usize = 1 + 8 + 8 + 32 + 2 + 2;
+
+    pub fn encode_value(header: MessageHeader<'_>, envelope: &[u8]) -> Vec<u8> {
+        let id = clip(header.message_id);
+        let ty = clip(header.message_type);
+        let mut out = Vec::with_capacity(Self::FIXED + id.len() + ty.len() + envelope.len());
         out.push(FORMAT_V1);
-        out.extend_from_slice(&publish_ms.to_be_bytes());
-        out.extend_from_slice(&expires_ms.to_be_bytes());
+        out.extend_from_slice(&header.publish_ms.to_be_bytes());
+        out.extend_from_slice(&header.expires_ms.to_be_bytes());
+        out.extend_from_slice(header.digest);
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(&(ty.len() as u16).to_be_bytes());
+        out.extend_from_slice(ty);
         out.extend_from_slice(envelope);
         out
     }
@@ -38,22 +60,82 @@ impl StoredMessage {
         let corrupt = || StorageError::Corrupt {
             what: format!("message {seq} of topic id {topic}"),
         };
-        if value.first() != Some(&FORMAT_V1) || value.len() < Self::HEADER {
+        if value.first() != Some(&FORMAT_V1) {
             return Err(corrupt());
         }
-        let publish_ms = super::keys::be_u64(&value[1..9]).ok_or_else(corrupt)?;
-        let expires_ms = super::keys::be_u64(&value[9..17]).ok_or_else(corrupt)?;
+        let mut r = Reader { buf: value, at: 1 };
+        let publish_ms = r.u64().ok_or_else(corrupt)?;
+        let expires_ms = r.u64().ok_or_else(corrupt)?;
+        let digest: [u8; 32] = r
+            .take(32)
+            .and_then(|d| d.try_into().ok())
+            .ok_or_else(corrupt)?;
+        let message_id = r.short_str().ok_or_else(corrupt)?;
+        let message_type = r.short_str().ok_or_else(corrupt)?;
         Ok(Self {
             topic,
             seq,
             publish_ms,
             expires_ms,
-            envelope: Bytes::copy_from_slice(&value[Self::HEADER..]),
+            digest,
+            message_id,
+            message_type,
+            envelope: Bytes::copy_from_slice(r.rest()),
         })
     }
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_ms != 0 && now_ms >= self.expires_ms
+    }
+
+    fn header(&self) -> MessageHeader<'_> {
+        MessageHeader {
+            publish_ms: self.publish_ms,
+            expires_ms: self.expires_ms,
+            digest: &self.digest,
+            message_id: &self.message_id,
+            message_type: &self.message_type,
+        }
+    }
+}
+
+/// At most u16::MAX bytes, cut on a character boundary.
+fn clip(s: &str) -> &[u8] {
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s.as_bytes()[..end]
+}
+
+/// Bounds-checked reading of a value.
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let out = self.buf.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(out)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        super::keys::be_u64(self.take(8)?)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        super::keys::be_u32(self.take(4)?)
+    }
+
+    fn short_str(&mut self) -> Option<String> {
+        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.buf.get(self.at..).unwrap_or_default()
     }
 }
 
@@ -136,18 +218,14 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    const HEADER: usize = 1 + 1 + 4 + 8 + 8 + 8;
-
     pub fn encode(&self) -> Vec<u8> {
-        let m = &self.message;
-        let mut out = Vec::with_capacity(Self::HEADER + m.envelope.len());
+        let message = StoredMessage::encode_value(self.message.header(), &self.message.envelope);
+        let mut out = Vec::with_capacity(1 + 1 + 4 + 8 + message.len());
         out.push(FORMAT_V1);
         out.push(self.reason.code());
         out.extend_from_slice(&self.attempts.to_be_bytes());
         out.extend_from_slice(&self.dead_ms.to_be_bytes());
-        out.extend_from_slice(&m.publish_ms.to_be_bytes());
-        out.extend_from_slice(&m.expires_ms.to_be_bytes());
-        out.extend_from_slice(&m.envelope);
+        out.extend_from_slice(&message);
         out
     }
 
@@ -155,22 +233,21 @@ impl DeadLetter {
         let corrupt = || StorageError::Corrupt {
             what: format!("dead letter {seq} of topic id {topic}"),
         };
-        if value.first() != Some(&FORMAT_V1) || value.len() < Self::HEADER {
+        if value.first() != Some(&FORMAT_V1) {
             return Err(corrupt());
         }
-        let reason = DeadReason::from_code(value[1]).ok_or_else(corrupt)?;
-        let num = |range: std::ops::Range<usize>| super::keys::be_u64(&value[range]);
+        let mut r = Reader { buf: value, at: 1 };
+        let reason = r
+            .take(1)
+            .and_then(|c| DeadReason::from_code(c[0]))
+            .ok_or_else(corrupt)?;
+        let attempts = r.u32().ok_or_else(corrupt)?;
+        let dead_ms = r.u64().ok_or_else(corrupt)?;
         Ok(Self {
             reason,
-            attempts: super::keys::be_u32(&value[2..6]).ok_or_else(corrupt)?,
-            dead_ms: num(6..14).ok_or_else(corrupt)?,
-            message: StoredMessage {
-                topic,
-                seq,
-                publish_ms: num(14..22).ok_or_else(corrupt)?,
-                expires_ms: num(22..30).ok_or_else(corrupt)?,
-                envelope: Bytes::copy_from_slice(&value[Self::HEADER..]),
-            },
+            attempts,
+            dead_ms,
+            message: StoredMessage::decode(topic, seq, r.rest())?,
         })
     }
 }
@@ -181,12 +258,24 @@ mod tests {
 
     #[test]
     fn stored_message_round_trips() {
-        let value = StoredMessage::encode_value(10, 20, b"env");
+        let header = MessageHeader {
+            publish_ms: 10,
+            expires_ms: 20,
+            digest: &[7; 32],
+            message_id: "id-1",
+            message_type: "a.B",
+        };
+        let value = StoredMessage::encode_value(header, b"env");
         let m = StoredMessage::decode(3, 4, &value).unwrap();
         assert_eq!(
             (m.publish_ms, m.expires_ms, &m.envelope[..]),
             (10, 20, &b"env"[..])
         );
+        assert_eq!(
+            (m.message_id.as_str(), m.message_type.as_str()),
+            ("id-1", "a.B")
+        );
+        assert_eq!(m.digest, [7; 32]);
     }
 
     #[test]
@@ -207,6 +296,9 @@ mod tests {
                 seq: 2,
                 publish_ms: 5,
                 expires_ms: 6,
+                digest: [1; 32],
+                message_id: "m".into(),
+                message_type: "t.T".into(),
                 envelope: Bytes::from_static(b"xyz"),
             },
         };

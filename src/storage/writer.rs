@@ -15,10 +15,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::keys;
-use super::records::{DeadLetter, Pending, StoredMessage};
+use super::records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 use super::{
     now_ms, FlushStats, Op, Outcome, Published, StorageError, StoreOptions, SubState, TopicState,
 };
+use crate::audit::{self, AuditEvent, Chain, EventKind};
 
 /// Most expired messages or dedup entries handled per sweep (the rest wait
 /// for the next tick).
@@ -38,6 +39,8 @@ pub(super) struct Writer {
     swept_until_ms: u64,
     /// Set once a write failed: sled's errors are sticky, so refuse early.
     failed: Option<String>,
+    /// Head of the audit chain (None: audit log off).
+    audit: Option<Chain>,
 }
 
 /// State of one group commit being built.
@@ -84,6 +87,7 @@ impl Writer {
         options: StoreOptions,
         topics: Vec<Arc<TopicState>>,
         stats: Arc<FlushStats>,
+        audit: Option<Chain>,
     ) -> Result<Self, StorageError> {
         let path = dir.join("db");
         let db_file = std::fs::File::open(&path).map_err(|source| StorageError::Io {
@@ -103,6 +107,7 @@ impl Writer {
             synced_blobs: HashSet::new(),
             swept_until_ms: 0,
             failed: None,
+            audit,
         })
     }
 
@@ -143,7 +148,12 @@ impl Writer {
                     topic,
                     message,
                     outcome,
-                } => self.settle(&mut group, &sub, &topic, &message, outcome, now),
+                    agency,
+                } => self.settle(&mut group, &sub, &topic, &message, outcome, agency, now),
+                Op::Audit(event) => {
+                    self.record(&mut group, &event, now);
+                    Ok(())
+                }
                 Op::Requeue { sub, seq, pending } => {
                     let key = keys::pending(sub, seq);
                     // Only while still pending: an ack may have overtaken it.
@@ -232,9 +242,16 @@ impl Writer {
         // With no subscription to receive it, nothing would ever release the
         // topic copy: take the sequence (and dedup entry) but store no copy.
         if !p.targets.is_empty() {
+            let header = MessageHeader {
+                publish_ms: p.publish_ms,
+                expires_ms: p.expires_ms,
+                digest: &p.digest,
+                message_id: &p.message_id,
+                message_type: &p.message_type,
+            };
             group.put(
                 &keys::message(topic, seq),
-                &StoredMessage::encode_value(p.publish_ms, p.expires_ms, &p.envelope),
+                &StoredMessage::encode_value(header, &p.envelope),
             );
             let empty = Pending::default().encode();
             for sub in &p.targets {
@@ -246,13 +263,15 @@ impl Writer {
                 group.put(&keys::expiry(p.expires_ms, topic, seq), &[]);
             }
         }
-        if let Some(dedup_key) = p.dedup_key {
+        if let Some(dedup_key) = p.dedup_key.clone() {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&p.publish_ms.to_be_bytes());
             group.put(&dedup_key, &value);
             group.put(&keys::dedup_by_time(p.publish_ms, &dedup_key), &[]);
             group.dedup_values.insert(dedup_key, value);
         }
+        let event = publish_event(&p, EventKind::Publish, seq);
+        self.record(group, &event, now);
         group.committed.insert(topic, seq);
         group.publishes += 1;
         group.replies.push((
@@ -265,6 +284,7 @@ impl Writer {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &mut self,
         group: &mut Group,
@@ -272,6 +292,7 @@ impl Writer {
         topic: &Arc<TopicState>,
         message: &StoredMessage,
         outcome: Outcome,
+        agency: String,
         now: u64,
     ) -> Result<(), StorageError> {
         let seq = message.seq;
@@ -280,6 +301,23 @@ impl Writer {
             return Ok(()); // already settled (e.g. expired and acked at once)
         }
         group.del(&key);
+        let mut event = match outcome {
+            Outcome::Ack => AuditEvent::new(EventKind::Ack, agency),
+            Outcome::DeadLetter { reason, attempts } => {
+                let kind = match reason {
+                    DeadReason::Expired => EventKind::Expired,
+                    _ => EventKind::DeadLetter,
+                };
+                let mut event = AuditEvent::new(kind, agency);
+                event.reason = reason.as_str().to_string();
+                event.attempt = attempts;
+                event
+            }
+        }
+        .about(message);
+        event.topic = topic.name.clone();
+        event.subscription = sub.name.clone();
+        self.record(group, &event, now);
         match outcome {
             Outcome::Ack => group.delta(sub, -1, 0),
             Outcome::DeadLetter { reason, attempts } => {
@@ -305,8 +343,34 @@ impl Writer {
         Ok(())
     }
 
-    /// Finds expired messages and stale dedup entries.
+    /// Appends an audit record to the group (when the audit log is on).
+    fn record(&mut self, group: &mut Group, event: &AuditEvent, now: u64) {
+        if let Some(chain) = self.audit.as_mut() {
+            let (key, value) = chain.append(event, now);
+            group.put(&key, &value);
+        }
+    }
+
+    /// Finds expired messages and stale dedup entries; prunes old audit records.
     fn sweep(&mut self, group: &mut Group, now: u64) -> Result<(), StorageError> {
+        if let Some(chain) = &self.audit {
+            let cutoff = now.saturating_sub(chain.retention_ms());
+            match audit::prune_plan(&self.db, cutoff, SWEEP_LIMIT) {
+                Ok(Some((doomed, anchor))) => {
+                    for key in &doomed {
+                        group.del(key);
+                    }
+                    group.put(keys::AUDIT_ANCHOR, &prost::Message::encode_to_vec(&anchor));
+                    debug!(
+                        pruned = doomed.len(),
+                        first_kept = anchor.first_seq,
+                        "audit records pruned"
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => warn!(cause = %e, "audit pruning failed"),
+            }
+        }
         // Expiry: tell each subscription still holding an expired message; its
         // dispatcher dead-letters it (it knows what is in flight).
         let from = keys::expiry(self.swept_until_ms, 0, 0);
@@ -496,4 +560,14 @@ fn apply_delta(value: u64, delta: i64) -> u64 {
         }
         result.unwrap_or(0)
     }
+}
+
+fn publish_event(p: &super::PublishOp, kind: EventKind, seq: u64) -> AuditEvent {
+    let mut event = AuditEvent::new(kind, p.sender.clone());
+    event.topic = p.topic.name.clone();
+    event.message_id = p.message_id.clone();
+    event.message_type = p.message_type.clone();
+    event.digest = Some(p.digest);
+    event.sequence = seq;
+    event
 }

@@ -2,14 +2,24 @@
 //!
 //! Invariants:
 //! - The accept loop only accepts: every handshake runs in its own task under a
-//!   timeout, so a slow or silent client delays nobody else.
+//!   timeout, with the server configuration in force when it starts, so a slow or
+//!   silent client delays nobody else and a reload never touches an established
+//!   connection.
 //! - Each connection, from accept until tonic drops it, holds one permit of a
 //!   semaphore sized `max_connections`; with none free a new TCP connection is
-//!   closed at once.
-//! - Handshake and accept failures are logged, never fatal to the loop.
+//!   closed at once. An established connection is registered with the
+//!   [`TlsState`] until it is dropped.
+//! - An established connection is closed when its certificate is revoked (its
+//!   registry token is cancelled) or when it reaches `max_connection_age`: its
+//!   next read or write fails with `ConnectionAborted`, which makes hyper tear it
+//!   down. Reads register interest in both events, so an idle connection is
+//!   closed on time too. Each closure is logged with its reason.
+//! - Handshake and accept failures are logged, never fatal to the loop; a failed
+//!   handshake is logged at info with a short reason (expired, revoked, ...).
 //! - The loop stops when `stop` turns true (or its sender is dropped) or when the
 //!   returned stream is dropped; the listener is closed when it stops.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,24 +30,52 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{debug, info, warn, Instrument};
 
-use super::PeerInfo;
+use super::failure::handshake_failure_reason;
+use super::registry::{ConnectionInfo, Registration};
+use super::{IdentityResolver, PeerInfo, TlsState};
 
 /// Established connections waiting for tonic to pick them up.
 const READY_QUEUE: usize = 64;
 /// Pause after an accept error that is not about one connection (e.g. EMFILE).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Why the broker closed an established connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A reloaded CRL revokes the connection's client certificate.
+    CertificateRevoked,
+    /// The connection reached `[tls] max_connection_age`.
+    MaxAge,
+}
+
+impl CloseReason {
+    /// Words for logs and the I/O error.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::CertificateRevoked => "its client certificate has been revoked",
+            CloseReason::MaxAge => "it reached the maximum connection age",
+        }
+    }
+}
+
 /// A TLS connection handed to tonic, carrying the caller's identity resolved once
-/// at handshake. Dropping it closes the connection and frees its connection slot.
+/// at handshake. Dropping it closes the connection, frees its connection slot
+/// and removes it from the registry of live connections.
 pub struct TlsConnection {
     inner: TlsStream<TcpStream>,
     peer: PeerInfo,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    max_age: Pin<Box<Sleep>>,
+    closed: Option<CloseReason>,
+    _registration: Registration,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -51,37 +89,85 @@ impl TlsConnection {
     pub fn get_ref(&self) -> &TlsStream<TcpStream> {
         &self.inner
     }
+
+    /// Why the connection was closed, once it has been.
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.closed
+    }
+
+    /// Ready with the error to return once the connection must close; else
+    /// registers `cx` to be woken when it must.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let reason = match self.closed {
+            Some(reason) => reason,
+            None => {
+                let reason = if self.revoked.as_mut().poll(cx).is_ready() {
+                    CloseReason::CertificateRevoked
+                } else if self.max_age.as_mut().poll(cx).is_ready() {
+                    CloseReason::MaxAge
+                } else {
+                    return Poll::Pending;
+                };
+                self.closed = Some(reason);
+                info!(
+                    peer = %self.peer.remote_addr,
+                    agency = self.peer.identity.as_deref().unwrap_or("-"),
+                    serial = self.peer.serial.as_deref().unwrap_or("-"),
+                    reason = reason.as_str(),
+                    "closing connection"
+                );
+                reason
+            }
+        };
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("connection closed by the broker: {}", reason.as_str()),
+        ))
+    }
 }
 
 impl std::fmt::Debug for TlsConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsConnection")
             .field("peer", &self.peer)
+            .field("closed", &self.closed)
             .finish_non_exhaustive()
     }
 }
 
 impl AsyncRead for TlsConnection {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Poll::Ready(e) = this.poll_close(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConnection {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Poll::Ready(e) = this.poll_close(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Poll::Ready(e) = this.poll_close(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -89,11 +175,15 @@ impl AsyncWrite for TlsConnection {
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Poll::Ready(e) = this.poll_close(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -116,10 +206,16 @@ pub struct AcceptorSettings {
     pub max_connections: usize,
     /// Time a client has to complete the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Established connections are closed at this age (`[tls] max_connection_age`).
+    pub max_connection_age: Duration,
 }
 
 /// Spawns the accept loop on `listener` and returns the stream of established
 /// connections for `Server::serve_with_incoming_shutdown`.
+///
+/// Each handshake uses `tls`'s server configuration of the moment; each
+/// connection's agency is resolved by `identities` and the connection is
+/// registered with `tls` (see [`TlsState::reload`]).
 ///
 /// Must be called within a Tokio runtime. The loop ends when `stop` becomes
 /// `true` or its sender is dropped, or when the returned stream is dropped;
@@ -127,16 +223,16 @@ pub struct AcceptorSettings {
 /// The stream yields only `Ok` items; the error type is what tonic expects.
 pub fn tls_incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    known_agency: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    tls: Arc<TlsState>,
+    identities: Arc<IdentityResolver>,
     settings: AcceptorSettings,
     stop: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<TlsConnection, io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let accept_loop = AcceptLoop {
         listener,
-        acceptor: TlsAcceptor::from(config),
-        known_agency,
+        tls,
+        identities,
         permits: Arc::new(Semaphore::new(
             settings.max_connections.min(Semaphore::MAX_PERMITS),
         )),
@@ -155,8 +251,8 @@ pub fn tls_incoming(
 
 struct AcceptLoop {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
-    known_agency: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    tls: Arc<TlsState>,
+    identities: Arc<IdentityResolver>,
     permits: Arc<Semaphore>,
     settings: AcceptorSettings,
     tx: mpsc::Sender<Result<TlsConnection, io::Error>>,
@@ -202,9 +298,10 @@ impl AcceptLoop {
             }
 
             let handshake = Handshake {
-                acceptor: self.acceptor.clone(),
-                known_agency: self.known_agency.clone(),
+                tls: self.tls.clone(),
+                identities: self.identities.clone(),
                 timeout: self.settings.handshake_timeout,
+                max_age: self.settings.max_connection_age,
                 tx: self.tx.clone(),
                 stop: self.stop.clone(),
             };
@@ -219,19 +316,21 @@ impl AcceptLoop {
 }
 
 struct Handshake {
-    acceptor: TlsAcceptor,
-    known_agency: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    tls: Arc<TlsState>,
+    identities: Arc<IdentityResolver>,
     timeout: Duration,
+    max_age: Duration,
     tx: mpsc::Sender<Result<TlsConnection, io::Error>>,
     stop: watch::Receiver<bool>,
 }
 
 impl Handshake {
     async fn run(self, tcp: TcpStream, remote_addr: SocketAddr, permit: OwnedSemaphorePermit) {
+        let acceptor = TlsAcceptor::from(self.tls.server_config());
         let outcome = tokio::select! {
             () = stopped(self.stop) => return,
             () = self.tx.closed() => return,
-            outcome = tokio::time::timeout(self.timeout, self.acceptor.accept(tcp)) => outcome,
+            outcome = tokio::time::timeout(self.timeout, acceptor.accept(tcp)) => outcome,
         };
         let stream = match outcome {
             Ok(Ok(stream)) => stream,
@@ -249,9 +348,11 @@ impl Handshake {
             }
         };
 
-        let known = &*self.known_agency;
-        let peer =
-            PeerInfo::from_certificates(remote_addr, stream.get_ref().1.peer_certificates(), known);
+        let (peer, leaf) = PeerInfo::inspect(
+            remote_addr,
+            stream.get_ref().1.peer_certificates(),
+            &self.identities,
+        );
         match &peer.identity {
             Ok(agency) => {
                 debug!(peer = %remote_addr, agency = %agency, "tls connection established")
@@ -262,9 +363,19 @@ impl Handshake {
                 "tls connection without a usable agency identity; its requests will be refused"
             ),
         }
+        let (registration, revoked) = self.tls.register(ConnectionInfo {
+            remote_addr,
+            agency: peer.identity.as_ref().ok().cloned(),
+            serial: peer.serial.clone(),
+            leaf,
+        });
         let connection = TlsConnection {
             inner: stream,
             peer,
+            revoked: Box::pin(revoked.cancelled_owned()),
+            max_age: Box::pin(tokio::time::sleep(self.max_age)),
+            closed: None,
+            _registration: registration,
             _permit: permit,
         };
         // A send error means the server stopped taking connections; dropping the
@@ -280,7 +391,12 @@ fn log_handshake_failure(remote_addr: SocketAddr, error: &io::Error) {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match tls_error {
-        Some(reason) => info!(peer = %remote_addr, reason = %reason, "tls handshake failed"),
+        Some(e) => info!(
+            peer = %remote_addr,
+            reason = %handshake_failure_reason(e),
+            detail = %e,
+            "tls handshake failed"
+        ),
         None => debug!(peer = %remote_addr, error = %error, "tls handshake failed"),
     }
 }
@@ -305,9 +421,9 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 mod tests {
     use super::*;
     use crate::pki::{write_pem, CertificateAuthority, IssuedCert};
-    use crate::tls::{crypto_provider, load_server_config, IdentityError};
+    use crate::tls::{crypto_provider, IdentityError};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use rustls::{ClientConfig, RootCertStore, ServerConfig};
+    use rustls::{ClientConfig, RootCertStore};
     use std::future::Future;
     use tokio_rustls::TlsConnector;
     use tokio_stream::StreamExt;
@@ -330,26 +446,38 @@ mod tests {
 
     struct Pki {
         ca: CertificateAuthority,
-        server: Arc<ServerConfig>,
+        tls: Arc<TlsState>,
+        files: crate::config::TlsConfig,
+        _dir: tempfile::TempDir,
     }
 
-    /// A CA and the server config built by `load_server_config` from files.
+    /// A CA and the TLS state loaded from files.
     fn pki() -> Pki {
         let generated = CertificateAuthority::generate("test CA").unwrap();
         // Issue from a reloaded CA, as the broker does after a restart.
         let ca = CertificateAuthority::load(&generated.cert_pem(), &generated.key_pem()).unwrap();
         let server = ca.issue_server(&["localhost".to_string()]).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let (ca_file, cert_file, key_file) = (
-            dir.path().join("ca.pem"),
-            dir.path().join("server.pem"),
-            dir.path().join("server.key"),
-        );
-        write_pem(&ca_file, &ca.cert_pem(), false).unwrap();
-        write_pem(&cert_file, &server.cert_pem, false).unwrap();
-        write_pem(&key_file, &server.key_pem, true).unwrap();
-        let server = load_server_config(&ca_file, &cert_file, &key_file).unwrap();
-        Pki { ca, server }
+        let files = crate::config::TlsConfig {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            ..Default::default()
+        };
+        write_pem(&files.ca, &ca.cert_pem(), false).unwrap();
+        write_pem(&files.cert, &server.cert_pem, false).unwrap();
+        write_pem(&files.key, &server.key_pem, true).unwrap();
+        let tls = TlsState::load(&files).unwrap();
+        Pki {
+            ca,
+            tls,
+            files,
+            _dir: dir,
+        }
+    }
+
+    fn identities() -> Arc<IdentityResolver> {
+        Arc::new(IdentityResolver::new([AGENCY.to_string()], &[]).unwrap())
     }
 
     fn client(ca: &CertificateAuthority, identity: Option<&IssuedCert>) -> TlsConnector {
@@ -379,13 +507,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = watch::channel(false);
-        let incoming = tls_incoming(
-            listener,
-            pki.server.clone(),
-            Arc::new(|id: &str| id == AGENCY),
-            settings,
-            stop_rx,
-        );
+        let incoming = tls_incoming(listener, pki.tls.clone(), identities(), settings, stop_rx);
         Server {
             addr,
             incoming: Box::pin(incoming),
@@ -397,6 +519,7 @@ mod tests {
         AcceptorSettings {
             max_connections: 16,
             handshake_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(3600),
         }
     }
 
@@ -489,8 +612,8 @@ mod tests {
         let mut server = start(
             &pki,
             AcceptorSettings {
-                max_connections: 16,
                 handshake_timeout: Duration::from_millis(300),
+                ..settings()
             },
         )
         .await;
@@ -517,7 +640,7 @@ mod tests {
             &pki,
             AcceptorSettings {
                 max_connections: 1,
-                handshake_timeout: Duration::from_secs(10),
+                ..settings()
             },
         )
         .await;
@@ -531,6 +654,111 @@ mod tests {
         drop(first);
         let _third = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&agency))));
         assert!(next(&mut server).await.is_some());
+    }
+
+    /// Reads the server side as hyper would, until it fails or ends.
+    async fn drive(mut conn: TlsConnection) -> (io::ErrorKind, Option<CloseReason>) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) => return (io::ErrorKind::UnexpectedEof, conn.closed()),
+                Ok(_) => continue,
+                Err(e) => return (e.kind(), conn.closed()),
+            }
+        }
+    }
+
+    /// True once the server has closed the client's connection.
+    async fn closed_by_server(stream: &mut tokio_rustls::client::TlsStream<TcpStream>) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 16];
+        matches!(
+            tokio::time::timeout(WAIT, stream.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn reload_with_a_new_crl_closes_only_connections_of_revoked_certificates() {
+        use crate::tls::crl::tests::crl_pem;
+        let pki = pki();
+        let crl = pki.files.ca.with_file_name("ca.crl");
+        std::fs::write(&crl, crl_pem(&pki.ca, "test CA", &[], 3600)).unwrap();
+        let files = crate::config::TlsConfig {
+            crl: vec![crl.clone()],
+            ..pki.files.clone()
+        };
+        let pki = Pki {
+            tls: TlsState::load(&files).unwrap(),
+            files,
+            ..pki
+        };
+        let mut server = start(&pki, settings()).await;
+        let doomed = pki.ca.issue_agency(AGENCY).unwrap();
+        let kept = pki.ca.issue_agency(AGENCY).unwrap();
+
+        let mut clients = Vec::new();
+        let mut served = Vec::new();
+        for id in [&doomed, &kept] {
+            let client = tokio::spawn(connect(server.addr, client(&pki.ca, Some(id))));
+            let conn = next(&mut server).await.unwrap();
+            served.push(tokio::spawn(drive(conn)));
+            clients.push(client.await.unwrap().unwrap());
+        }
+        assert_eq!(pki.tls.live_connections(), 2);
+
+        std::fs::write(&crl, crl_pem(&pki.ca, "test CA", &[&doomed.serial], 3600)).unwrap();
+        let report = pki.tls.reload().unwrap();
+        assert_eq!((report.crls, report.revoked, report.closed), (1, 1, 1));
+
+        let kept_server = served.pop().unwrap();
+        let doomed_server = served.pop().unwrap();
+        let outcome = tokio::time::timeout(WAIT, doomed_server)
+            .await
+            .expect("the revoked connection is closed")
+            .unwrap();
+        assert_eq!(
+            outcome,
+            (
+                io::ErrorKind::ConnectionAborted,
+                Some(CloseReason::CertificateRevoked)
+            )
+        );
+        assert!(closed_by_server(&mut clients[0]).await);
+        eventually(|| async { pki.tls.live_connections() == 1 }).await;
+        assert!(!kept_server.is_finished());
+
+        // A new connection with the revoked certificate fails its handshake.
+        if let Ok(mut stream) = connect(server.addr, client(&pki.ca, Some(&doomed))).await {
+            assert!(closed_by_server(&mut stream).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_at_the_maximum_age() {
+        let pki = pki();
+        let mut server = start(
+            &pki,
+            AcceptorSettings {
+                max_connection_age: Duration::from_millis(300),
+                ..settings()
+            },
+        )
+        .await;
+        let agency = pki.ca.issue_agency(AGENCY).unwrap();
+        let client = tokio::spawn(connect(server.addr, client(&pki.ca, Some(&agency))));
+        let conn = next(&mut server).await.unwrap();
+        let mut client = client.await.unwrap().unwrap();
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(WAIT, drive(conn)).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert_eq!(
+            outcome,
+            (io::ErrorKind::ConnectionAborted, Some(CloseReason::MaxAge))
+        );
+        assert!(closed_by_server(&mut client).await);
+        assert_eq!(pki.tls.live_connections(), 0);
     }
 
     #[tokio::test]
@@ -570,8 +798,8 @@ mod tests {
         let (stop, stop_rx) = watch::channel(false);
         let incoming = tls_incoming(
             listener,
-            pki.server.clone(),
-            Arc::new(|id: &str| id == AGENCY),
+            pki.tls.clone(),
+            identities(),
             settings(),
             stop_rx.clone(),
         );

@@ -1,33 +1,54 @@
-//! Server-side mutual TLS: the rustls configuration, the accept loop that hands
-//! established connections to tonic, and the caller's agency identity.
+//! Server-side mutual TLS: the rustls configuration and its reloading, the
+//! accept loop that hands established connections to tonic, the caller's agency
+//! identity, and closing connections whose certificate is revoked or too old.
 //!
-//! Data flow: [`load_server_config`] builds the `rustls::ServerConfig` from PEM
-//! files; [`tls_incoming`] accepts TCP connections, runs each handshake in its own
-//! task, resolves the peer's identity once ([`agency_from_cert`]) and yields
-//! [`TlsConnection`]s for `Server::serve_with_incoming_shutdown`; tonic then puts
-//! the connection's [`PeerInfo`] into every request's extensions.
+//! Data flow: [`TlsState::load`] builds the `rustls::ServerConfig` from the PEM
+//! files of `[tls]` (CA bundle, certificate, key, CRLs); [`spawn_reloader`]
+//! reloads them on SIGHUP and when they change; [`tls_incoming`] accepts TCP
+//! connections, runs each handshake in its own task with the configuration in
+//! force, resolves the peer's agency once ([`IdentityResolver`]), registers the
+//! connection, and yields [`TlsConnection`]s for
+//! `Server::serve_with_incoming_shutdown`; tonic then puts the connection's
+//! [`PeerInfo`] into every request's extensions.
 //!
 //! Invariants:
 //! - Exactly one crypto provider, ring, is used; [`crypto_provider`] is passed
 //!   explicitly everywhere so the process default does not matter.
-//! - A client certificate from an unknown CA fails the handshake. A client without
-//!   a certificate completes it, but its [`PeerInfo::identity`] is
+//! - A client certificate from an unknown CA, expired, not yet valid, revoked by
+//!   a configured CRL, or whose issuer's CRL is stale fails the handshake, and
+//!   the reason is logged with the peer's address. A client without a
+//!   certificate completes it, but its [`PeerInfo::identity`] is
 //!   `Err(IdentityError::NoCertificate)` so every request can be refused with
 //!   `UNAUTHENTICATED` and a message the client can act on.
-//! - Identity comes only from the verified leaf certificate's URI SAN
-//!   `urn:joinery:agency:<id>`, never from anything the client sends later.
+//! - Identity comes only from the verified leaf certificate (the URI SAN
+//!   `urn:joinery:agency:<id>`, else an `[[identity]]` mapping of a SAN or the
+//!   subject), never from anything the client sends later.
+//! - A reload changes only new handshakes; a failed reload changes nothing.
+//!   After a successful one, connections whose certificate the new CRLs revoke
+//!   are closed; every connection is closed at `[tls] max_connection_age`.
 //! - The accept loop never awaits a handshake; connections (handshaking or
 //!   established) are bounded by a semaphore, handshakes by a timeout.
 
 mod acceptor;
+mod crl;
+mod failure;
 mod identity;
+mod registry;
+mod reload;
 mod server_config;
+mod state;
+mod subject;
 
 use std::path::PathBuf;
 
-pub use acceptor::{tls_incoming, AcceptorSettings, TlsConnection};
-pub use identity::{agency_from_cert, IdentityError, PeerInfo};
+pub use acceptor::{tls_incoming, AcceptorSettings, CloseReason, TlsConnection};
+pub use crl::RevokedSerials;
+pub use failure::handshake_failure_reason;
+pub use identity::{agency_from_cert, IdentityError, IdentityResolver, PeerInfo};
+pub use reload::{spawn_reloader, OnReload};
 pub use server_config::{crypto_provider, install_crypto_provider, load_server_config};
+pub use state::{ReloadReport, TlsState};
+pub use subject::{SubjectError, SubjectName};
 
 /// Errors building the TLS server configuration. Each names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -80,4 +101,14 @@ pub enum TlsError {
     },
     #[error("the crypto provider does not support TLS 1.2 and 1.3")]
     ProtocolVersions(#[source] rustls::Error),
+    #[error("no CRL in {path} (expected PEM \"BEGIN X509 CRL\" blocks)")]
+    NoCrl { path: PathBuf },
+    #[error("CRL number {index} in {path} cannot be parsed: {reason}")]
+    BadCrl {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error("[[identity]] #{number}: {reason}")]
+    IdentityMapping { number: usize, reason: String },
 }

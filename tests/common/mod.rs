@@ -96,6 +96,11 @@ pub struct TestBroker {
 }
 
 pub fn config_text(root: &Path, body: &str) -> String {
+    config_text_with(root, "", body)
+}
+
+/// Like [`config_text`], with extra `[broker]` lines (e.g. `operators = [..]`).
+pub fn config_text_with(root: &Path, broker_extra: &str, body: &str) -> String {
     let pki = root.join("pki");
     format!(
         r#"
@@ -103,6 +108,7 @@ pub fn config_text(root: &Path, body: &str) -> String {
 listen = "127.0.0.1:0"
 data_dir = "{data}"
 shutdown_grace = "5s"
+{broker_extra}
 
 [tls]
 ca = "{pki}/ca.pem"
@@ -125,13 +131,18 @@ impl TestBroker {
 
     /// Starts a broker with `JOINERY_*` overrides (e.g. limits).
     pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> TestBroker {
+        Self::start_with(body, "", env).await
+    }
+
+    /// Starts a broker with extra `[broker]` lines and `JOINERY_*` overrides.
+    pub async fn start_with(body: &str, broker_extra: &str, env: &[(&str, &str)]) -> TestBroker {
         let tmp = Arc::new(tempfile::tempdir().unwrap());
         let pki = Arc::new(TestPki::create(&tmp.path().join("pki")));
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self::start_full(tmp, pki, body, env).await
+        Self::start_full(tmp, pki, broker_extra, body, env).await
     }
 
     /// Starts a broker on an existing temp dir and PKI (e.g. after `stop`).
@@ -140,12 +151,13 @@ impl TestBroker {
         pki: Arc<TestPki>,
         body: &str,
     ) -> TestBroker {
-        Self::start_full(tmp, pki, body, Vec::new()).await
+        Self::start_full(tmp, pki, "", body, Vec::new()).await
     }
 
     async fn start_full(
         tmp: Arc<tempfile::TempDir>,
         pki: Arc<TestPki>,
+        broker_extra: &str,
         body: &str,
         env: Vec<(String, String)>,
     ) -> TestBroker {
@@ -158,7 +170,7 @@ impl TestBroker {
             .with_test_writer()
             .try_init();
         let root = tmp.path().to_path_buf();
-        let text = config_text(&root, body);
+        let text = config_text_with(&root, broker_extra, body);
         let config = Arc::new(
             Config::load_str(&text, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}")),
         );
@@ -189,7 +201,14 @@ impl TestBroker {
                     })
                     .await
                     .err()
-                    .is_some_and(|s| s.code() == tonic::Code::NotFound)
+                    // Any answer from the broker itself means it is serving
+                    // (the probe's agency may not be configured).
+                    .is_some_and(|s| {
+                        matches!(
+                            s.code(),
+                            tonic::Code::NotFound | tonic::Code::Unauthenticated
+                        )
+                    })
             }
         })
         .await;
@@ -415,6 +434,7 @@ pub fn open_store(data_dir: &Path, config: &Config) -> joinery::storage::Store {
             cache_capacity: 8 << 20,
             dedup_window: Duration::from_secs(3600),
             max_batch: 64,
+            audit_retention: config.audit.enabled.then_some(config.audit.retention),
         },
         &topics,
         &subs,

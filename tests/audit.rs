@@ -1,0 +1,227 @@
+//! The tamper-evident audit log: every publish, delivery and settlement is
+//! recorded in a hash chain that `joinery audit verify` checks, naming the
+//! first broken record when one byte is changed or a record removed.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use joinery::audit::{AuditRecord, HASH_LEN};
+use prost::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_joinery");
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Publishes from two agencies, consumes with acks and a nack, and stops.
+/// Returns the temp dir (kept alive) and the data dir.
+async fn busy_run() -> (std::sync::Arc<tempfile::TempDir>, std::path::PathBuf) {
+    let broker = TestBroker::start(BODY).await;
+    let mut police = broker.client("police").await;
+    let mut nhs = broker.client("nhs").await;
+    for i in 0..30 {
+        publish(&mut police, envelope(&format!("police secret {i}")))
+            .await
+            .unwrap();
+        publish(&mut nhs, envelope(&format!("nhs secret {i}")))
+            .await
+            .unwrap();
+    }
+    let mut council = broker.client("council").await;
+    let mut c = TestConsumer::open(&mut council, "council.inbox", 100)
+        .await
+        .unwrap();
+    let got = c.take(60, WAIT).await;
+    c.nack(vec![got[0].delivery_id], Duration::ZERO).await;
+    c.ack(got[1..].iter().map(|d| d.delivery_id).collect())
+        .await;
+    let again = c.take(1, WAIT).await;
+    c.ack(vec![again[0].delivery_id]).await;
+    c.close().await;
+    // A refused request is audited too.
+    let mut fire = broker.client("fire").await;
+    publish(&mut fire, envelope("fire may not publish"))
+        .await
+        .unwrap_err();
+    let data = broker.data_dir();
+    let (tmp, _pki) = broker.stop().await;
+    (tmp, data)
+}
+
+fn audit_cli(args: &[&str], data: &Path) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("audit")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn records(data: &Path) -> Vec<serde_json::Value> {
+    let (ok, stdout, stderr) = audit_cli(&["export"], data);
+    assert!(ok, "{stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_chain_verifies_after_a_busy_run_and_records_everything() {
+    let (_tmp, data) = busy_run().await;
+    let (ok, stdout, stderr) = audit_cli(&["verify"], &data);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("audit log verified"), "{stdout}");
+
+    let all = records(&data);
+    let count = |event: &str| all.iter().filter(|r| r["event"] == event).count();
+    assert_eq!(count("publish"), 60);
+    // fan-out: council got 60 + 1 redelivery; fire.inbox had no consumer.
+    assert_eq!(count("delivery"), 61);
+    assert_eq!(count("ack"), 60);
+    assert_eq!(count("nack"), 1);
+    // fire's refused publish (the harness's readiness probe is one too).
+    let fire_denied = all
+        .iter()
+        .filter(|r| r["event"] == "denied" && r["agency"] == "fire")
+        .count();
+    assert_eq!(fire_denied, 1);
+    assert_eq!(count("denied"), 2);
+    // Sequence numbers run 1..=n without gaps.
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r["seq"], (i + 1) as u64);
+    }
+    // Never the payload, always its digest.
+    let text = all.iter().map(|r| r.to_string()).collect::<String>();
+    assert!(
+        !text.contains("secret"),
+        "payload leaked into the audit log"
+    );
+    let first = all.iter().find(|r| r["event"] == "publish").unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"police secret 0");
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(first["payload_sha256"], hex);
+    assert_eq!(first["agency"], "police");
+    assert_eq!(first["topic"], TOPIC);
+    assert_eq!(first["message_type"], TYPE);
+
+    // Filters.
+    let (ok, stdout, _) = audit_cli(&["export", "--agency", "nhs"], &data);
+    assert!(ok);
+    assert_eq!(stdout.lines().count(), 30);
+    assert!(stdout.lines().all(|l| l.contains("\"agency\":\"nhs\"")));
+    let (ok, stdout, _) = audit_cli(&["export", "--since", "2999-01-01T00:00:00Z"], &data);
+    assert!(ok);
+    assert_eq!(stdout.lines().count(), 0);
+    let (ok, stdout, _) = audit_cli(&["export", "--since", "1h"], &data);
+    assert!(ok);
+    assert_eq!(stdout.lines().count(), all.len());
+}
+
+/// Rewrites one stored audit record with `edit`, bypassing the broker.
+fn tamper(data: &Path, seq: u64, edit: impl FnOnce(&mut Vec<u8>) -> bool) {
+    let db = joinery::storage::open_existing(data).unwrap();
+    let key = joinery::storage::keys::audit(seq);
+    let mut value = db.get(key).unwrap().expect("record exists").to_vec();
+    if edit(&mut value) {
+        db.insert(key, value).unwrap();
+    } else {
+        db.remove(key).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_a_record_with_one_changed_byte() {
+    let (_tmp, data) = busy_run().await;
+    // Change one byte of record 17's agency ("police" -> "polide").
+    tamper(&data, 17, |value| {
+        let body_len = value.len() - HASH_LEN;
+        let record = AuditRecord::decode(&value[..body_len]).unwrap();
+        assert!(!record.agency.is_empty());
+        let at = value
+            .windows(record.agency.len())
+            .position(|w| w == record.agency.as_bytes())
+            .unwrap();
+        value[at + 3] ^= 0x01;
+        true
+    });
+    let (ok, stdout, stderr) = audit_cli(&["verify"], &data);
+    assert!(!ok, "a changed record must fail verification: {stdout}");
+    assert!(stderr.contains("audit record 17 is broken"), "{stderr}");
+    assert!(stderr.contains("altered"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_a_re_hashed_edit_by_the_broken_link() {
+    let (_tmp, data) = busy_run().await;
+    // A careful forger edits record 9 and recomputes its own hash.
+    tamper(&data, 9, |value| {
+        let body_len = value.len() - HASH_LEN;
+        let mut record = AuditRecord::decode(&value[..body_len]).unwrap();
+        record.agency = "someone-else".into();
+        let mut body = record.encode_to_vec();
+        let hash = ring::digest::digest(&ring::digest::SHA256, &body);
+        body.extend_from_slice(hash.as_ref());
+        *value = body;
+        true
+    });
+    let (ok, _, stderr) = audit_cli(&["verify"], &data);
+    assert!(!ok);
+    assert!(stderr.contains("audit record 10 is broken"), "{stderr}");
+    assert!(stderr.contains("record 9"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_a_removed_record() {
+    let (_tmp, data) = busy_run().await;
+    tamper(&data, 23, |_| false);
+    let (ok, _, stderr) = audit_cli(&["verify"], &data);
+    assert!(!ok);
+    assert!(stderr.contains("audit record 23 is broken"), "{stderr}");
+    assert!(stderr.contains("missing"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_and_its_audit_record_are_durable_together() {
+    // The crash test covers SIGKILL; here: every publish answered OK has its
+    // record, with the same sequence, right after a stop.
+    let broker = TestBroker::start(BODY).await;
+    let mut police = broker.client("police").await;
+    let mut seqs = Vec::new();
+    for i in 0..20 {
+        seqs.push(
+            publish(&mut police, envelope(&format!("m{i}")))
+                .await
+                .unwrap()
+                .sequence,
+        );
+    }
+    let data = broker.data_dir();
+    let (_tmp, _pki) = broker.stop().await;
+    let recorded: Vec<u64> = records(&data)
+        .iter()
+        .filter(|r| r["event"] == "publish")
+        .map(|r| r["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(recorded, seqs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_can_be_turned_off() {
+    let body = format!("{BODY}\n[audit]\nenabled = false\n");
+    let broker = TestBroker::start(&body).await;
+    let mut police = broker.client("police").await;
+    publish(&mut police, envelope("m")).await.unwrap();
+    let data = broker.data_dir();
+    let (_tmp, _pki) = broker.stop().await;
+    assert!(records(&data).is_empty());
+}
