@@ -806,6 +806,11 @@ impl Config {
                 (Some(v), None) | (None, Some(v)) if v.trim().is_empty() => {
                     problems.push(format!("identity #{n}: the value to match is empty"))
                 }
+                (Some(subject), None) => {
+                    if let Err(e) = crate::tls::SubjectName::parse(subject) {
+                        problems.push(format!("identity #{n}: subject {subject:?}: {e}"));
+                    }
+                }
                 _ => {}
             }
             if self.agency(&identity.agency).is_none() {

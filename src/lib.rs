@@ -87,8 +87,16 @@ pub async fn run(
     let identities = Arc::new(tls::IdentityResolver::from_config(&config)?);
     let (broker, tasks) = broker::Broker::start(config.clone(), stop.subscribe()).await?;
 
-    // Reloads on SIGHUP and file changes; the hook is where reloads get audited.
-    let on_tls_reload: tls::OnReload = Arc::new(|_outcome: Result<(), String>| {});
+    // Reloads on SIGHUP and file changes, each one audited.
+    let audit_store = broker.store().clone();
+    let on_tls_reload: tls::OnReload = Arc::new(move |outcome: Result<(), String>| {
+        let mut event = audit::AuditEvent::new(audit::EventKind::ConfigReload, "broker");
+        event.reason = match outcome {
+            Ok(()) => "tls reloaded".to_string(),
+            Err(e) => format!("tls reload failed, previous configuration kept: {e}"),
+        };
+        audit_store.audit_now(event);
+    });
     let _tls_reloader = tls::spawn_reloader(
         tls_state.clone(),
         config.tls.reload_interval,

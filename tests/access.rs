@@ -217,6 +217,7 @@ fn an_under_cleared_owner_is_rejected_at_config_load() {
 fn config_refuses_unknown_agencies_in_access_lists_and_operators() {
     let body = GLOB_BODY.replace("publishers = [\"police-*\"]\nsubscribers = [\"council-*\"]",
         "publishers = [\"police-*\", \"police-nowhere\"]\nsubscribers = [\"ambulance-*\", \"council-*\"]");
+    let body = format!("{body}\n[[identity]]\nsubject = \"no equals sign\"\nagency = \"ops\"\n");
     let text = config_text_with(
         std::path::Path::new("/tmp/unused"),
         "operators = [\"nobody\"]",
@@ -225,7 +226,7 @@ fn config_refuses_unknown_agencies_in_access_lists_and_operators() {
     let all = Config::load_str(&text, Vec::<(String, String)>::new())
         .expect_err("must be refused")
         .to_string();
-    for needle in ["police-nowhere", "ambulance-*", "nobody"] {
+    for needle in ["police-nowhere", "ambulance-*", "nobody", "no equals sign"] {
         assert!(all.contains(needle), "{needle} reported: {all}");
     }
 }

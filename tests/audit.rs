@@ -225,3 +225,34 @@ async fn the_audit_log_can_be_turned_off() {
     let (_tmp, _pki) = broker.stop().await;
     assert!(records(&data).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_reloads_are_audited() {
+    let broker = TestBroker::start_with_env(BODY, &[("JOINERY_TLS_RELOAD_INTERVAL", "1s")]).await;
+    // Rewrite the server certificate with a fresh one from the same CA.
+    let server = broker
+        .pki
+        .ca
+        .issue_server(&["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(broker.pki.dir.join("server.pem"), &server.cert_pem).unwrap();
+    std::fs::write(broker.pki.dir.join("server.key"), &server.key_pem).unwrap();
+    let data = broker.data_dir();
+    // The file poll runs every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut police = broker.client("police").await;
+    publish(&mut police, envelope("after the reload"))
+        .await
+        .unwrap();
+    let (_tmp, _pki) = broker.stop().await;
+    let reloads: Vec<String> = records(&data)
+        .iter()
+        .filter(|r| r["event"] == "config_reload")
+        .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        reloads.iter().any(|r| r == "tls reloaded"),
+        "a reload record: {reloads:?}"
+    );
+}

@@ -92,8 +92,9 @@ pub fn run(command: AuditCommand) -> Result<(), AuditCliError> {
             let v = super::verify(&db)?;
             match (v.first_seq, v.last_seq) {
                 (Some(first), Some(last)) => println!(
-                    "audit log verified: {} records, {first} to {last}{}",
+                    "audit log verified: {} records, {first} to {last}, {} bytes{}",
                     v.records,
+                    v.bytes,
                     v.anchored_at
                         .map(|a| format!(" (records before {a} pruned by retention)"))
                         .unwrap_or_default()

@@ -312,6 +312,8 @@ pub fn prune_plan(
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
     pub records: u64,
+    /// Bytes of the stored records (keys and values, before sled's overhead).
+    pub bytes: u64,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     /// Records before this one were pruned by retention.
@@ -329,9 +331,11 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
         None => (1, GENESIS),
     };
     let mut records = 0;
+    let mut bytes = 0;
     let mut first_seq = None;
     for item in tree.scan_prefix([keys::AUDIT]) {
         let (key, value) = item?;
+        bytes += (key.len() + value.len()) as u64;
         let seq = keys::be_u64(key.get(1..).unwrap_or_default()).ok_or(AuditError::Broken {
             seq: expect_seq,
             problem: "unreadable key".into(),
@@ -376,6 +380,7 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
     }
     Ok(Verified {
         records,
+        bytes,
         first_seq,
         last_seq: first_seq.map(|_| expect_seq - 1),
         anchored_at: anchor.map(|a| a.first_seq),

@@ -23,7 +23,7 @@ use super::TlsError;
 
 /// Serials revoked by the loaded CRLs, keyed by the DER of their issuer's name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RevokedSerials {
+pub(crate) struct RevokedSerials {
     /// (issuer name DER, serial number DER content bytes).
     revoked: HashSet<(Vec<u8>, Vec<u8>)>,
 }

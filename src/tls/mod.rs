@@ -42,7 +42,6 @@ mod subject;
 use std::path::PathBuf;
 
 pub use acceptor::{tls_incoming, AcceptorSettings, CloseReason, TlsConnection};
-pub use crl::RevokedSerials;
 pub use failure::handshake_failure_reason;
 pub use identity::{agency_from_cert, IdentityError, IdentityResolver, PeerInfo};
 pub use reload::{spawn_reloader, OnReload};

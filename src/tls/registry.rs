@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::debug;
 
 use super::crl::RevokedSerials;
 use super::identity::LeafId;
@@ -103,7 +103,8 @@ impl ConnectionRegistry {
             if entry.revoked.is_cancelled() || !revoked.contains(&leaf.issuer, &leaf.serial) {
                 continue;
             }
-            info!(
+            // The connection logs its closure (at info) when it notices.
+            debug!(
                 peer = %entry.remote_addr,
                 agency = entry.agency.as_deref().unwrap_or("-"),
                 serial = entry.serial.as_deref().unwrap_or("-"),

@@ -26,7 +26,8 @@ use tracing::{error, info, warn, Instrument};
 use super::TlsState;
 
 /// Told the outcome of every reload: `Ok` or the error that kept the previous
-/// material in force. For the audit log.
+/// material in force. For the audit log. Called on the reloader task, so it
+/// must not block (hand the record to a channel or a buffer).
 pub type OnReload = Arc<dyn Fn(Result<(), String>) + Send + Sync>;
 
 /// Spawns the task that reloads `state` on SIGHUP and when its files change,

@@ -9,6 +9,11 @@
 //! [`super::PeerInfo`]). Sessions are never resumed, so every connection's
 //! certificate is checked in full against the CRLs and validity dates of the
 //! moment.
+//!
+//! Once any CRL is configured, revocation is checked for the whole client
+//! chain: every CA that issues client certificates (and every intermediate's
+//! issuer) needs a current CRL in `[tls] crl`, or its certificates are refused
+//! as "revocation status unknown" — failing closed rather than open.
 
 use std::io::{self, BufReader};
 use std::path::Path;
