@@ -73,6 +73,10 @@ pub enum BrokerError {
     },
     #[error("the envelope is {size} bytes; this broker accepts at most {max} (broker.max_message_bytes)")]
     TooLarge { size: usize, max: usize },
+    #[error("{0}")]
+    UnknownType(crate::schema::SchemaError),
+    #[error("{0}")]
+    InvalidPayload(crate::schema::SchemaError),
     #[error("the request is larger than this broker accepts ({0})")]
     RequestTooLarge(String),
     #[error("recipient {0:?} is not an agency known to this broker")]
@@ -106,6 +110,10 @@ pub enum BrokerError {
 pub enum StartError {
     #[error("could not open storage")]
     Storage(#[from] StorageError),
+    #[error("could not load the schema registry")]
+    Schema(#[from] crate::schema::SchemaError),
+    #[error("topic message types not in the schema registry: {}", .0.join(", "))]
+    UnknownTopicTypes(Vec<String>),
     #[error("storage start-up task failed: {0}")]
     Join(String),
 }
@@ -132,6 +140,7 @@ pub struct Broker {
 struct Inner {
     config: Arc<Config>,
     store: Store,
+    schemas: Arc<crate::schema::Registry>,
     topics: HashMap<String, TopicEntry>,
     subs: HashMap<String, Subscription>,
     agencies: HashSet<String>,
@@ -222,6 +231,8 @@ impl Broker {
             .await
             .map_err(|e| StartError::Join(e.to_string()))??;
 
+        let schemas = Arc::new(load_registry(&config, &store).await?);
+
         let mut tasks = Vec::new();
         let mut subscriptions = HashMap::new();
         let mut topic_entries = HashMap::new();
@@ -277,6 +288,7 @@ impl Broker {
             inner: Arc::new(Inner {
                 config,
                 store,
+                schemas,
                 topics: topic_entries,
                 subs: subscriptions,
                 agencies,
@@ -297,6 +309,10 @@ impl Broker {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    pub fn schemas(&self) -> &Arc<crate::schema::Registry> {
+        &self.inner.schemas
     }
 
     pub fn is_agency(&self, id: &str) -> bool {
@@ -348,6 +364,20 @@ impl Broker {
         let size = envelope.encoded_len();
         if size > max {
             return Err(BrokerError::TooLarge { size, max });
+        }
+        // Nothing invalid is stored: the payload must be a valid instance of
+        // its declared type, every rule holding.
+        match self
+            .inner
+            .schemas
+            .snapshot()
+            .validate(&envelope.message_type, &envelope.payload)
+        {
+            Ok(_) => {}
+            Err(e @ crate::schema::SchemaError::UnknownType(_)) => {
+                return Err(BrokerError::UnknownType(e))
+            }
+            Err(e) => return Err(BrokerError::InvalidPayload(e)),
         }
 
         let mut targets: Vec<Arc<SubState>> = Vec::with_capacity(topic.subs.len());
@@ -629,6 +659,45 @@ impl Broker {
         let consumer = sub.attach(max_in_flight, open.initial_credit).await?;
         Ok((sub.clone(), consumer))
     }
+}
+
+/// Builds the registry (standard library, `[schemas] dirs`, registered
+/// packages) and checks every topic's message types resolve.
+async fn load_registry(
+    config: &Config,
+    store: &Store,
+) -> Result<crate::schema::Registry, StartError> {
+    let dirs = config.schemas.dirs.clone();
+    let stored = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.schemas())
+            .await
+            .map_err(|e| StartError::Join(e.to_string()))??
+    };
+    let registry = tokio::task::spawn_blocking(move || {
+        let mut registered = Vec::new();
+        for value in stored {
+            registered.push(
+                <crate::schema::StoredPackage as prost::Message>::decode(&value[..])
+                    .map_err(|_| crate::schema::SchemaError::Stored("(unreadable)".into()))?,
+            );
+        }
+        crate::schema::Registry::load(&dirs, registered)
+    })
+    .await
+    .map_err(|e| StartError::Join(e.to_string()))??;
+    let snapshot = registry.snapshot();
+    let missing: Vec<String> = config
+        .topics
+        .iter()
+        .flat_map(|t| t.message_types.iter().map(move |m| (t, m)))
+        .filter(|(_, m)| snapshot.message(m).is_none())
+        .map(|(t, m)| format!("{m} (topic {})", t.name))
+        .collect();
+    if !missing.is_empty() {
+        return Err(StartError::UnknownTopicTypes(missing));
+    }
+    Ok(registry)
 }
 
 /// The earliest of the envelope's `expires_at` and the topic's retention.

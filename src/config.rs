@@ -177,6 +177,18 @@ pub struct Config {
     /// `[audit]`: the audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `[schemas]`: extra message schemas.
+    #[serde(default)]
+    pub schemas: SchemasConfig,
+}
+
+/// `[schemas]`: where extra `.proto` files are, besides the standard library
+/// built in and the packages registered through the Schemas service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchemasConfig {
+    /// Directories of `.proto` files (import paths are relative to each).
+    pub dirs: Vec<PathBuf>,
 }
 
 /// `[broker]`: where the broker listens, where it keeps data, and its limits.

@@ -31,6 +31,7 @@ pub mod codec;
 pub mod config;
 pub mod pki;
 pub mod queue;
+pub mod schema;
 pub mod service;
 pub mod shutdown;
 pub mod storage;
@@ -148,6 +149,10 @@ pub async fn run(
         .add_service(proto::admin_server::AdminServer::new(
             service::AdminService::new(broker.clone()),
         ))
+        .add_service(
+            proto::schemas_server::SchemasServer::new(service::SchemasService::new(broker.clone()))
+                .max_decoding_message_size(8 << 20),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown::wait(stop.subscribe()));
     let mut server = tokio::spawn(server);
     info!(listen = %b.listen, "joinery is serving");

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
-use joinery::client::{connect, ClientOptions};
+use joinery::client::ClientOptions;
 use joinery::config::Config;
 use joinery::proto::{subscribe_request, Envelope, PublishRequest, SubscribeRequest};
 
@@ -51,10 +51,43 @@ enum Command {
         #[command(subcommand)]
         command: joinery::pki::cli::PkiCommand,
     },
+    /// Message schemas: list the broker's, check a directory, register it.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
     /// The audit log: verify its hash chain, export records.
     Audit {
         #[command(subcommand)]
         command: joinery::audit::cli::AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// The schema packages the broker knows.
+    List {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Compile and lint a directory of .proto files, and report breaking
+    /// changes against another directory (--against) or the broker (--broker).
+    Check {
+        dir: PathBuf,
+        /// A directory with the current versions of the same packages.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// Also compare with the schemas registered on the broker.
+        #[arg(long)]
+        broker: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Register (or update, compatibly) the packages in a directory (operators).
+    Register {
+        dir: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
     },
 }
 
@@ -119,9 +152,13 @@ struct PublishArgs {
     /// Payload given inline (UTF-8).
     #[arg(long, conflicts_with = "file")]
     data: Option<String>,
-    /// Payload read from a file (raw bytes).
-    #[arg(long)]
+    /// Payload read from a file (raw bytes, already protobuf-encoded).
+    #[arg(long, conflicts_with = "json")]
     file: Option<PathBuf>,
+    /// Payload as protobuf JSON (a file), converted with the broker's schema
+    /// of --type, e.g. broker-config/examples/safeguarding_referral.json.
+    #[arg(long, conflicts_with = "data")]
+    json: Option<PathBuf>,
     /// Idempotency key (default: the broker chooses one).
     #[arg(long)]
     message_id: Option<String>,
@@ -163,6 +200,9 @@ struct SubscribeArgs {
     /// Exit when nothing arrives for this long, e.g. 5s.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Print payloads as protobuf JSON (using the broker's schemas).
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -199,6 +239,11 @@ fn main() -> ExitCode {
         Command::Publish(args) => runtime.block_on(publish(args)),
         Command::Subscribe(args) => runtime.block_on(subscribe(args)),
         Command::Pki { command } => joinery::pki::cli::run(command).map_err(anyhow::Error::from),
+        Command::Schema { command } => match runtime.block_on(schema(command)) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Audit { command } => {
             joinery::audit::cli::run(command).map_err(anyhow::Error::from)
         }
@@ -310,16 +355,48 @@ fn dev_pki(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn schema(command: SchemaCommand) -> anyhow::Result<bool> {
+    use joinery::schema::cli;
+    match command {
+        SchemaCommand::List { conn } => cli::list(&conn.options("council-demo"))
+            .await
+            .map(|()| true),
+        SchemaCommand::Check {
+            dir,
+            against,
+            broker,
+            conn,
+        } => {
+            let options = conn.options("council-demo");
+            cli::check(&dir, against.as_deref(), broker.then_some(&options)).await
+        }
+        SchemaCommand::Register { dir, conn } => cli::register(&dir, &conn.options("council-demo"))
+            .await
+            .map(|()| true),
+    }
+}
+
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let payload = match (&args.data, &args.file) {
-        (Some(data), _) => data.clone().into_bytes(),
-        (None, Some(file)) => {
+    let options = args.conn.options("police-demo");
+    let channel = joinery::client::connect_channel(&options).await?;
+    let payload = match (&args.data, &args.file, &args.json) {
+        (Some(data), _, _) => data.clone().into_bytes(),
+        (None, Some(file), _) => {
             std::fs::read(file).with_context(|| format!("could not read {}", file.display()))?
         }
-        (None, None) => Vec::new(),
+        (None, None, Some(json)) => {
+            let text = std::fs::read_to_string(json)
+                .with_context(|| format!("could not read {}", json.display()))?;
+            joinery::schema::cli::JsonCodec::default()
+                .encode(&channel, &args.message_type, &text)
+                .await
+                .with_context(|| {
+                    format!("{} is not a valid {}", json.display(), args.message_type)
+                })?
+        }
+        (None, None, None) => Vec::new(),
     };
-    let options = args.conn.options("police-demo");
-    let client = connect(&options).await?;
+    let client = joinery::proto::broker_client::BrokerClient::new(channel);
     let envelope = Envelope {
         message_id: args.message_id.clone().unwrap_or_default(),
         message_type: args.message_type.clone(),
@@ -408,7 +485,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
 
 async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     let options = args.conn.options("council-demo");
-    let mut client = connect(&options).await?;
+    let channel = joinery::client::connect_channel(&options).await?;
+    let mut client = joinery::proto::broker_client::BrokerClient::new(channel.clone());
+    let mut codec = joinery::schema::cli::JsonCodec::default();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tx.send(SubscribeRequest {
         request: Some(subscribe_request::Request::Open(subscribe_request::Open {
@@ -438,9 +517,22 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         let Some(delivery) = next else { break };
         let delivery = delivery?;
         let envelope = delivery.envelope.clone().unwrap_or_default();
-        let payload = match std::str::from_utf8(&envelope.payload) {
-            Ok(text) => text.to_string(),
-            Err(_) => format!("<{} bytes of binary payload>", envelope.payload.len()),
+        let payload = if args.json {
+            match codec
+                .decode(&channel, &envelope.message_type, &envelope.payload)
+                .await
+            {
+                Ok(json) => json,
+                Err(e) => format!("<payload not decodable as {}: {e}>", envelope.message_type),
+            }
+        } else {
+            match std::str::from_utf8(&envelope.payload) {
+                Ok(text) if !text.chars().any(|c| c.is_control() && c != '\n') => text.to_string(),
+                _ => format!(
+                    "<{} bytes of protobuf; --json to decode>",
+                    envelope.payload.len()
+                ),
+            }
         };
         println!(
             "#{} attempt {} from {} type {} id {}: {}",

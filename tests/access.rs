@@ -71,7 +71,7 @@ async fn publish_to(
 ) -> Result<u64, tonic::Status> {
     let mut client = broker.client(agency).await;
     let mut env = envelope("x");
-    env.message_type = "test.v1.Anything".into();
+    env.message_type = TYPE.into();
     env.marking = marking as i32;
     client
         .publish(PublishRequest {
@@ -183,7 +183,7 @@ async fn marking_above_the_topic_maximum_is_refused() {
     // A marking value that does not exist is invalid, not silently OFFICIAL.
     let mut client = broker.client("police-north-wales").await;
     let mut env = envelope("x");
-    env.message_type = "test.v1.Anything".into();
+    env.message_type = TYPE.into();
     env.marking = 7;
     let err = client
         .publish(PublishRequest {

@@ -106,7 +106,7 @@ async fn audit_chain_verifies_after_a_busy_run_and_records_everything() {
         "payload leaked into the audit log"
     );
     let first = all.iter().find(|r| r["event"] == "publish").unwrap();
-    let digest = ring::digest::digest(&ring::digest::SHA256, b"police secret 0");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &payload("police secret 0"));
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(first["payload_sha256"], hex);
     assert_eq!(first["agency"], "police");

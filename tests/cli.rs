@@ -6,6 +6,12 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A valid interop.referral.v1.SafeguardingReferral (protobuf JSON).
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/broker-config/examples/safeguarding_referral.json"
+);
+
 const BIN: &str = env!("CARGO_BIN_EXE_joinery");
 
 fn free_port() -> u16 {
@@ -72,8 +78,8 @@ fn quick_start_runs_on_a_fresh_directory_with_the_embedded_default() {
                 "interop.referral.v1.SafeguardingReferral",
                 "--message-id",
                 "ref-0001",
-                "--data",
-                "concern about child A",
+                "--json",
+                EXAMPLE,
             ],
         );
         if out.status.success() {
@@ -127,8 +133,8 @@ fn quick_start_runs_on_a_fresh_directory_with_the_embedded_default() {
             "interop.referral.v1.SafeguardingReferral",
             "--message-id",
             "ref-0001",
-            "--data",
-            "concern about child A",
+            "--json",
+            EXAMPLE,
         ],
     );
     assert!(String::from_utf8_lossy(&again.stdout).contains("duplicate"));
@@ -148,6 +154,7 @@ fn quick_start_runs_on_a_fresh_directory_with_the_embedded_default() {
             "1",
             "--idle-timeout",
             "10s",
+            "--json",
         ],
     );
     let out = String::from_utf8_lossy(&sub.stdout);
@@ -157,7 +164,8 @@ fn quick_start_runs_on_a_fresh_directory_with_the_embedded_default() {
         String::from_utf8_lossy(&sub.stderr)
     );
     assert!(
-        out.contains("#1 attempt 1 from police-demo") && out.contains("concern about child A"),
+        out.contains("#1 attempt 1 from police-demo")
+            && out.contains("\"referralReference\":\"RR8-SG-2025-00412\""),
         "{out}"
     );
 
@@ -324,8 +332,8 @@ fn corrupt_storage_fails_with_a_clear_error_instead_of_starting_empty() {
                 "referral.safeguarding",
                 "--type",
                 "interop.referral.v1.SafeguardingReferral",
-                "--data",
-                "precious",
+                "--json",
+                EXAMPLE,
             ],
         );
         if out.status.success() {

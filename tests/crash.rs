@@ -406,7 +406,7 @@ impl Seen {
             id: e.message_id.clone(),
             sequence: d.sequence,
             attempt: d.attempt,
-            payload: String::from_utf8_lossy(&e.payload).into_owned(),
+            payload: text_of(&e.payload),
             sender: e.sender,
         }
     }

@@ -10,6 +10,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use x509_parser::extensions::GeneralName;
 
+/// A valid interop.referral.v1.SafeguardingReferral (protobuf JSON).
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/broker-config/examples/safeguarding_referral.json"
+);
+
 const BIN: &str = env!("CARGO_BIN_EXE_joinery");
 const DAY: i64 = 86_400;
 
@@ -545,8 +551,8 @@ owner = "council"
                 "interop.referral.v1.SafeguardingReferral",
                 "--message-id",
                 "ref-0001",
-                "--data",
-                "concern about child A",
+                "--json",
+                EXAMPLE,
             ],
         );
         if out.status.success() {
@@ -578,6 +584,7 @@ owner = "council"
             "1",
             "--idle-timeout",
             "10s",
+            "--json",
         ],
     );
     let out = String::from_utf8_lossy(&sub.stdout);
@@ -588,7 +595,7 @@ owner = "council"
         log()
     );
     assert!(
-        out.contains("from police") && out.contains("concern about child A"),
+        out.contains("from police") && out.contains("\"referralReference\":\"RR8-SG-2025-00412\""),
         "{out}"
     );
 
@@ -600,7 +607,7 @@ owner = "council"
     );
     // Publishes until the broker has reloaded the CRL (every second) and
     // refuses the police; each attempt carries its own payload.
-    let publish_as_police = |data: &str| {
+    let publish_as_police = |_attempt: &str| {
         client(
             "publish",
             &addr,
@@ -611,8 +618,8 @@ owner = "council"
                 "referral.safeguarding",
                 "--type",
                 "interop.referral.v1.SafeguardingReferral",
-                "--data",
-                data,
+                "--json",
+                EXAMPLE,
             ],
         )
     };

@@ -147,10 +147,14 @@ cert = "{pki}/server.pem"
 key = "{pki}/server.key"
 {crl}
 {tls}
+
+[schemas]
+dirs = ["{schemas}"]
 {body}
 "#,
         data = root.join("data").display(),
         pki = pki.display(),
+        schemas = TEST_SCHEMAS,
         tls = setup.tls,
         body = setup.body,
     )

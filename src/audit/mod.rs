@@ -44,6 +44,7 @@ pub enum EventKind {
     Expired,
     Denied,
     ConfigReload,
+    SchemaRegistered,
 }
 
 impl EventKind {
@@ -59,6 +60,7 @@ impl EventKind {
             EventKind::Expired => "expired",
             EventKind::Denied => "denied",
             EventKind::ConfigReload => "config_reload",
+            EventKind::SchemaRegistered => "schema_registered",
         }
     }
 }

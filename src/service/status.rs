@@ -26,6 +26,8 @@ pub fn classify(err: &BrokerError) -> (Code, &'static str) {
         MarkingAboveTopic { .. } => (Code::PermissionDenied, "marking_above_topic"),
         InsufficientClearance { .. } => (Code::PermissionDenied, "insufficient_clearance"),
         NotOperator(_) => (Code::PermissionDenied, "not_an_operator"),
+        UnknownType(_) => (Code::InvalidArgument, "unknown_message_type"),
+        InvalidPayload(_) => (Code::InvalidArgument, "invalid_payload"),
         MissingEnvelope => (Code::InvalidArgument, "missing_envelope"),
         InvalidEnvelope(_) => (Code::InvalidArgument, "invalid_envelope"),
         TypeNotAccepted { .. } => (Code::InvalidArgument, "type_not_accepted"),

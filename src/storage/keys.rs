@@ -26,6 +26,8 @@ pub const NAME: u8 = b'n';
 pub const AUDIT: u8 = b'a';
 /// Audit anchor left by pruning: `A` → [`crate::audit::AuditAnchor`].
 pub const AUDIT_ANCHOR: &[u8] = b"A";
+/// Registered schema package: `R <package>` → [`crate::schema::StoredPackage`].
+pub const SCHEMA: u8 = b'R';
 /// Last id handed out to a topic or subscription: `c` → id(4).
 pub const ID_COUNTER: &[u8] = b"c";
 /// On-disk format version: `v` → u32.

@@ -546,6 +546,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Stores a registered schema package durably (flushed and fsynced before
+    /// it returns). Blocking.
+    pub fn put_schema(&self, package: &str, value: &[u8]) -> Result<(), StorageError> {
+        let key = [&[keys::SCHEMA][..], package.as_bytes()].concat();
+        self.inner.tree.insert(key, value)?;
+        self.inner.tree.flush()?;
+        Ok(())
+    }
+
+    /// Every registered schema package as stored. Blocking.
+    pub fn schemas(&self) -> Result<Vec<Vec<u8>>, StorageError> {
+        self.inner
+            .tree
+            .scan_prefix([keys::SCHEMA])
+            .map(|item| Ok(item?.1.to_vec()))
+            .collect()
+    }
+
     /// Bytes sled reports for the data directory.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.tree.size_on_disk().unwrap_or(0)

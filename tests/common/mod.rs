@@ -51,6 +51,28 @@ ack_deadline = "1s"
 max_deliveries = 3
 "#;
 
+/// The test message types (`tests/proto`).
+pub const TEST_SCHEMAS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/proto");
+
+/// `test.v1.Referral`: free text.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TestReferral {
+    #[prost(string, tag = "1")]
+    pub text: String,
+}
+
+/// A `test.v1.Referral` payload carrying `text`.
+pub fn payload(text: &str) -> Vec<u8> {
+    prost::Message::encode_to_vec(&TestReferral { text: text.into() })
+}
+
+/// The text of a `test.v1.Referral` payload.
+pub fn text_of(payload: &[u8]) -> String {
+    <TestReferral as prost::Message>::decode(payload)
+        .map(|r| r.text)
+        .unwrap_or_else(|_| format!("<not a test.v1.Referral: {} bytes>", payload.len()))
+}
+
 pub const TOPIC: &str = "referral.safeguarding";
 pub const TYPE: &str = "test.v1.Referral";
 
@@ -114,10 +136,14 @@ shutdown_grace = "5s"
 ca = "{pki}/ca.pem"
 cert = "{pki}/server.pem"
 key = "{pki}/server.key"
+
+[schemas]
+dirs = ["{schemas}"]
 {body}
 "#,
         data = root.join("data").display(),
-        pki = pki.display()
+        pki = pki.display(),
+        schemas = TEST_SCHEMAS,
     )
 }
 
@@ -272,10 +298,10 @@ impl Drop for TestBroker {
     }
 }
 
-pub fn envelope(payload: &str) -> Envelope {
+pub fn envelope(text: &str) -> Envelope {
     Envelope {
         message_type: TYPE.into(),
-        payload: payload.as_bytes().to_vec(),
+        payload: payload(text),
         ..Default::default()
     }
 }
@@ -417,7 +443,7 @@ where
 }
 
 pub fn payload_of(d: &Delivery) -> String {
-    String::from_utf8_lossy(&d.envelope.as_ref().unwrap().payload).into_owned()
+    text_of(&d.envelope.as_ref().unwrap().payload)
 }
 
 /// Opens the stopped broker's store directly to inspect it (dead letters etc.).
