@@ -24,6 +24,8 @@
 //! message rules. The alternative — our own evaluator for a subset of the
 //! annotations — would drift from the standard and from what `buf lint` and
 //! other languages' protovalidate libraries check for the same files.
+//! Its cost: its types crate generates code with `protoc` at build time, so
+//! building joinery needs protoc installed (running it does not).
 //! One rule it cannot express is the NHS number's modulus-11 check digit (its
 //! CEL engine has no string indexing), so that one is a joinery annotation,
 //! `(joinery.rules.v1.field).nhs_number`, evaluated here after

@@ -176,6 +176,13 @@ impl schemas_server::Schemas for SchemasService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| super::status::to_status(BrokerError::Storage(e)))?;
+            // sled's flush alone does not reach stable storage: the writer's
+            // sync adds the fsync before the registration is answered.
+            self.broker
+                .store()
+                .sync()
+                .await
+                .map_err(|e| super::status::to_status(BrokerError::Storage(e)))?;
             registry.commit(next);
             for package in &registration.stored {
                 let mut event = AuditEvent::new(EventKind::SchemaRegistered, caller.clone());

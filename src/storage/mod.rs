@@ -546,8 +546,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a registered schema package durably (flushed and fsynced before
-    /// it returns). Blocking.
+    /// Stores a registered schema package (flushed; follow with
+    /// [`Store::sync`] for the fsync). Blocking.
     pub fn put_schema(&self, package: &str, value: &[u8]) -> Result<(), StorageError> {
         let key = [&[keys::SCHEMA][..], package.as_bytes()].concat();
         self.inner.tree.insert(key, value)?;
