@@ -169,6 +169,7 @@ pub struct StreamPermit {
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
+        ::metrics::gauge!(crate::metrics::STREAMS).decrement(1.0);
         let mut streams = lock(&self.inner.streams);
         if let Some(n) = streams.get_mut(&self.agency) {
             *n = n.saturating_sub(1);
@@ -189,12 +190,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct PendingPublish {
     rx: oneshot::Receiver<Result<Published, StorageError>>,
     message_id: String,
+    topic: String,
+    sender: String,
+    started: Instant,
 }
 
 impl PendingPublish {
     /// Waits for the flush that makes the message durable.
     pub async fn wait(self) -> Result<PublishResponse, BrokerError> {
         let published = self.rx.await.map_err(|_| BrokerError::ShuttingDown)??;
+        if !published.duplicate {
+            ::metrics::counter!(crate::metrics::PUBLISHED, "topic" => self.topic, "agency" => self.sender)
+                .increment(1);
+        }
+        ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(self.started.elapsed().as_secs_f64());
         Ok(PublishResponse {
             sequence: published.seq,
             duplicate: published.duplicate,
@@ -340,6 +349,7 @@ impl Broker {
         caller: &str,
         request: PublishRequest,
     ) -> Result<PendingPublish, BrokerError> {
+        let started = Instant::now();
         if self.is_shutting_down() {
             return Err(BrokerError::ShuttingDown);
         }
@@ -421,7 +431,13 @@ impl Broker {
                 reply,
             })
             .await?;
-        Ok(PendingPublish { rx, message_id })
+        Ok(PendingPublish {
+            rx,
+            message_id,
+            topic: request.topic,
+            sender: caller.to_string(),
+            started,
+        })
     }
 
     /// Checks and completes an envelope: sender from the certificate,
@@ -566,6 +582,10 @@ impl Broker {
             return; // the broker's state, not the caller's request
         }
         *lock(&self.inner.refusals).entry(reason).or_insert(0) += 1;
+        ::metrics::counter!(crate::metrics::DENIED, "reason" => reason).increment(1);
+        if !topic.is_empty() {
+            ::metrics::counter!(crate::metrics::REJECTED, "reason" => reason).increment(1);
+        }
         let mut event = crate::audit::AuditEvent::new(crate::audit::EventKind::Denied, agency);
         event.topic = topic.to_string();
         event.subscription = subscription.to_string();
@@ -606,6 +626,7 @@ impl Broker {
             });
         }
         *open += 1;
+        ::metrics::gauge!(crate::metrics::STREAMS).increment(1.0);
         Ok(StreamPermit {
             inner: self.inner.clone(),
             agency: agency.to_string(),

@@ -180,6 +180,27 @@ pub struct Config {
     /// `[schemas]`: extra message schemas.
     #[serde(default)]
     pub schemas: SchemasConfig,
+    /// `[metrics]`: the operations HTTP listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics, health checks and the status page, over
+/// plain HTTP — keep it on loopback or a management network.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+        }
+    }
 }
 
 /// `[schemas]`: where extra `.proto` files are, besides the standard library

@@ -29,6 +29,7 @@ pub mod broker;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod metrics;
 pub mod pki;
 pub mod queue;
 pub mod schema;
@@ -74,16 +75,35 @@ pub enum RunError {
 /// Limit on one HTTP/2 header list (bytes).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-/// Runs a broker on `listener` until `shutdown` resolves, then drains:
-/// stops accepting, closes subscription streams (unacked deliveries are
-/// redelivered later), lets in-flight publishes finish within
-/// `broker.shutdown_grace`, and flushes storage.
+/// The operations HTTP listener and, when this process records metrics, the
+/// Prometheus handle that renders them.
+pub struct OpsListener {
+    pub listener: TcpListener,
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// Runs a broker on `listener` (without the operations listener) until
+/// `shutdown` resolves; see [`run_with`].
 pub async fn run(
     config: Arc<Config>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_with(config, listener, None, shutdown).await
+}
+
+/// Runs a broker on `listener` until `shutdown` resolves, then drains:
+/// stops accepting, closes subscription streams (unacked deliveries are
+/// redelivered later), lets in-flight publishes finish within
+/// `broker.shutdown_grace`, and flushes storage.
+pub async fn run_with(
+    config: Arc<Config>,
+    listener: TcpListener,
+    ops: Option<OpsListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let stop = shutdown::Shutdown::new();
+    let readiness: metrics::SharedReadiness = Arc::default();
     let tls_state = tls::TlsState::load(&config.tls)?;
     let identities = Arc::new(tls::IdentityResolver::from_config(&config)?);
     let (broker, tasks) = broker::Broker::start(config.clone(), stop.subscribe()).await?;
@@ -155,6 +175,25 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(incoming, shutdown::wait(stop.subscribe()));
     let mut server = tokio::spawn(server);
+    let sampler = tokio::spawn(metrics::sample(broker.clone(), stop.subscribe()));
+    // The operations listener outlives the drain, so /readyz can say so.
+    let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ops_server = ops.map(|ops| {
+        let addr = ops.listener.local_addr().ok();
+        info!(listen = ?addr, "operations endpoints: /metrics /healthz /readyz /");
+        tokio::spawn(metrics::http::serve(
+            ops.listener,
+            broker.clone(),
+            ops.prometheus,
+            readiness.clone(),
+            async move {
+                let _ = ops_stopped.await;
+            },
+        ))
+    });
+    readiness
+        .started
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(listen = %b.listen, "joinery is serving");
 
     tokio::select! {
@@ -165,6 +204,9 @@ pub async fn run(
         }
     }
     info!("shutting down: no new connections; draining");
+    readiness
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     health
         .set_not_serving::<BrokerServer<service::BrokerService>>()
         .await;
@@ -192,5 +234,10 @@ pub async fn run(
         mean_flush_us = mean_us,
         "storage flushed and closed; group commit figures since start"
     );
+    sampler.abort();
+    let _ = ops_stop.send(());
+    if let Some(ops_server) = ops_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ops_server).await;
+    }
     Ok(())
 }

@@ -302,7 +302,24 @@ async fn serve(config_path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match joinery::run(Arc::new(config), listener, joinery::shutdown::signal()).await {
+    let ops = if config.metrics.enabled {
+        match tokio::net::TcpListener::bind(config.metrics.listen).await {
+            Ok(listener) => Some(joinery::OpsListener {
+                listener,
+                prometheus: joinery::metrics::install(),
+            }),
+            Err(e) => {
+                eprintln!(
+                    "error: cannot listen on {} for metrics ([metrics] listen): {e}",
+                    config.metrics.listen
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    match joinery::run_with(Arc::new(config), listener, ops, joinery::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!(

@@ -1,9 +1,10 @@
 //! The tamper-evident audit log.
 //!
-//! Every publish, delivery, ack, nack, dead letter, expiry, refused request
-//! and TLS reload becomes an [`AuditEvent`]; the storage writer appends it as
-//! a record in the **same atomic batch and flush** as the change it describes,
-//! so a publish is acknowledged only once its audit record is durable too.
+//! Every publish, delivery, ack, nack, dead letter, expiry, refused request,
+//! TLS reload and operator action (redrive, purge, peek) becomes an
+//! [`AuditEvent`]; the storage writer appends it as a record in the **same
+//! atomic batch and flush** as the change it describes, so a publish is
+//! acknowledged only once its audit record is durable too.
 //!
 //! # Records and the chain
 //! Record `n` is stored under `a n` (big-endian) as its prost encoding
@@ -45,6 +46,12 @@ pub enum EventKind {
     Denied,
     ConfigReload,
     SchemaRegistered,
+    /// An operator put dead letters back on their subscription.
+    Redrive,
+    /// An operator removed a subscription's pending messages.
+    Purge,
+    /// An operator looked at pending messages (with or without payloads).
+    Peek,
 }
 
 impl EventKind {
@@ -61,6 +68,9 @@ impl EventKind {
             EventKind::Denied => "denied",
             EventKind::ConfigReload => "config_reload",
             EventKind::SchemaRegistered => "schema_registered",
+            EventKind::Redrive => "redrive",
+            EventKind::Purge => "purge",
+            EventKind::Peek => "peek",
         }
     }
 }
@@ -82,6 +92,8 @@ pub struct AuditEvent {
     pub attempt: u32,
     /// Dead-letter reason, refusal reason, reload outcome.
     pub reason: String,
+    /// Messages an operator action covered (redrive, purge, peek).
+    pub count: u64,
 }
 
 impl AuditEvent {
@@ -97,6 +109,7 @@ impl AuditEvent {
             sequence: 0,
             attempt: 0,
             reason: String::new(),
+            count: 0,
         }
     }
 
@@ -139,6 +152,8 @@ pub struct AuditRecord {
     pub reason: String,
     #[prost(bytes = "vec", tag = "13")]
     pub prev_hash: Vec<u8>,
+    #[prost(uint64, tag = "14")]
+    pub count: u64,
 }
 
 /// The anchor left by pruning (prost encoding, under key `A`).
@@ -239,6 +254,7 @@ impl Chain {
             attempt: event.attempt,
             reason: event.reason.clone(),
             prev_hash: self.last_hash.to_vec(),
+            count: event.count,
         };
         let mut value = record.encode_to_vec();
         let hash = sha256(&value);
@@ -413,6 +429,8 @@ pub struct Exported {
     pub attempt: u32,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub count: u64,
     pub hash: String,
 }
 
@@ -462,6 +480,7 @@ pub fn export(
             sequence: r.sequence,
             attempt: r.attempt,
             reason: r.reason,
+            count: r.count,
             hash: hex(&hash),
         })
         .map_err(ExportError::Write)?;

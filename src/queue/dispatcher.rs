@@ -75,6 +75,8 @@ pub(super) struct Dispatcher {
     /// (ready, retry, delayed, in flight) or settled.
     cursor: u64,
     next_delivery: u64,
+    /// When in-flight figures were last reported to the store.
+    reported_at: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -104,6 +106,7 @@ impl Dispatcher {
             // Delivery ids differ across restarts, so a stale ack never
             // matches a new delivery.
             next_delivery: now_ms().saturating_mul(1000),
+            reported_at: None,
         }
     }
 
@@ -125,6 +128,7 @@ impl Dispatcher {
             }
             self.pump().await;
 
+            self.report();
             let wake_at = self.next_timer();
             tokio::select! {
                 _ = self.shutdown.changed() => {}
@@ -142,6 +146,29 @@ impl Dispatcher {
             )));
         }
         debug!("dispatcher stopped");
+    }
+
+    /// Tells the store (and so metrics and the status page) how many
+    /// deliveries await ack and how old the oldest pending message is. At
+    /// most every 500 ms: it walks the in-flight set.
+    fn report(&mut self) {
+        let now = Instant::now();
+        if self.reported_at.is_some_and(|at| now.duration_since(at) < Duration::from_millis(500)) {
+            return;
+        }
+        self.reported_at = Some(now);
+        let oldest = self
+            .in_flight
+            .values()
+            .map(|f| &f.item)
+            .chain(self.retry.iter())
+            .chain(self.delayed.values())
+            .chain(self.ready.front())
+            .map(|i| i.message.publish_ms)
+            .filter(|ms| *ms != 0)
+            .min()
+            .unwrap_or(0);
+        self.state.report(self.in_flight.len() as u64, oldest);
     }
 
     fn next_timer(&self) -> Option<Instant> {
@@ -198,6 +225,8 @@ impl Dispatcher {
                 for id in ids {
                     if let Some(item) = self.take_in_flight(consumer, id) {
                         self.audit(EventKind::Nack, &item).await;
+                        ::metrics::counter!(crate::metrics::NACKED, "subscription" => self.info.name.clone())
+                            .increment(1);
                         self.requeue(item, delay).await;
                     }
                 }
@@ -321,12 +350,27 @@ impl Dispatcher {
                     reason = reason.as_str(),
                     "dead-lettered"
                 );
+                let subscription = self.info.name.clone();
+                ::metrics::counter!(crate::metrics::DEAD_LETTERED, "subscription" => subscription.clone(), "reason" => reason.as_str())
+                    .increment(1);
+                if reason == DeadReason::Expired {
+                    ::metrics::counter!(crate::metrics::EXPIRED, "subscription" => subscription).increment(1);
+                }
                 Outcome::DeadLetter {
                     reason,
                     attempts: item.attempts,
                 }
             }
-            ack => ack,
+            ack => {
+                ::metrics::counter!(crate::metrics::ACKED, "subscription" => self.info.name.clone())
+                    .increment(1);
+                if item.message.publish_ms != 0 {
+                    let age = now_ms().saturating_sub(item.message.publish_ms);
+                    ::metrics::histogram!(crate::metrics::PUBLISH_TO_ACK_SECONDS, "subscription" => self.info.name.clone())
+                        .record(age as f64 / 1000.0);
+                }
+                ack
+            }
         };
         if let Err(e) = self
             .store
@@ -505,6 +549,12 @@ impl Dispatcher {
                     item.attempts += 1;
                     let consumer = slot.id;
                     self.audit(EventKind::Delivery, &item).await;
+                    ::metrics::counter!(crate::metrics::DELIVERED, "subscription" => self.info.name.clone())
+                        .increment(1);
+                    if item.attempts > 1 {
+                        ::metrics::counter!(crate::metrics::REDELIVERED, "subscription" => self.info.name.clone())
+                            .increment(1);
+                    }
                     let deadline = Instant::now() + self.info.ack_deadline;
                     self.deadlines.insert((deadline, id));
                     self.in_flight.insert(

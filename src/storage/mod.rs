@@ -7,7 +7,8 @@
 //! 12 bytes: attempts and not-before). Acking removes the pending entry; the
 //! topic copy is removed when no other subscription of the topic still has a
 //! pending entry for it (a few point lookups, no reference counts to keep in
-//! step). Dead letters copy the message (`d sub seq`) so the topic copy can go.
+//! step). Dead letters copy the message (`d sub seq`) so the topic copy can go;
+//! an operator's redrive ([`operator`]) puts the copy back with a pending entry.
 //! Keys are big-endian, so a subscription's pending entries iterate in
 //! publish order and the expiry index in time order.
 //!
@@ -34,6 +35,7 @@
 //!   call them from `spawn_blocking`.
 
 pub mod keys;
+mod operator;
 pub mod records;
 mod writer;
 
@@ -45,6 +47,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+pub use operator::Redriven;
 pub use records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 
 use crate::audit::{AuditEvent, Chain};
@@ -124,6 +127,11 @@ pub struct SubState {
     dead_letters: AtomicU64,
     /// Woken after a flush that made new messages or expiries visible.
     pub notify: Notify,
+    /// Deliveries awaiting ack, as last reported by the dispatcher.
+    in_flight: AtomicU64,
+    /// Publish time of the oldest pending message the dispatcher holds
+    /// (ms since epoch; 0: none).
+    oldest_pending_ms: AtomicU64,
     expired: Mutex<Vec<Arc<StoredMessage>>>,
 }
 
@@ -136,6 +144,25 @@ impl SubState {
     /// Messages in its dead letters.
     pub fn dead_letters(&self) -> u64 {
         self.dead_letters.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries awaiting ack.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Age of the oldest pending message (zero when there is none).
+    pub fn oldest_pending_age(&self) -> Duration {
+        match self.oldest_pending_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => Duration::from_millis(now_ms().saturating_sub(at)),
+        }
+    }
+
+    /// Called by the dispatcher with what it holds.
+    pub fn report(&self, in_flight: u64, oldest_pending_ms: u64) {
+        self.in_flight.store(in_flight, Ordering::Relaxed);
+        self.oldest_pending_ms.store(oldest_pending_ms, Ordering::Relaxed);
     }
 
     /// Messages the expiry sweep found past their expiry, to be dead-lettered.
@@ -208,6 +235,10 @@ pub(crate) enum Op {
     },
     /// Periodic work: expiry and dedup-window sweeps.
     Tick,
+    /// Dead letters back to their subscription (operator action).
+    Redrive(operator::RedriveOp),
+    /// Some of a subscription's pending entries removed (operator action).
+    Purge(operator::PurgeOp),
     /// Answered after the next flush.
     Sync(oneshot::Sender<Result<(), StorageError>>),
     /// Commit what came before, then end the writer thread.
@@ -325,6 +356,8 @@ impl Store {
                 depth: AtomicU64::new(depth),
                 dead_letters: AtomicU64::new(dead),
                 notify: Notify::new(),
+                in_flight: AtomicU64::new(0),
+                oldest_pending_ms: AtomicU64::new(0),
                 expired: Mutex::new(Vec::new()),
             });
             subs_by_topic

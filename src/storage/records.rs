@@ -88,7 +88,15 @@ impl StoredMessage {
         self.expires_ms != 0 && now_ms >= self.expires_ms
     }
 
-    fn header(&self) -> MessageHeader<'_> {
+    /// The expiry time in an encoded value, read without decoding the rest.
+    pub fn expires_ms_of(value: &[u8]) -> Option<u64> {
+        if value.first() != Some(&FORMAT_V1) {
+            return None;
+        }
+        super::keys::be_u64(value.get(9..17)?)
+    }
+
+    pub(crate) fn header(&self) -> MessageHeader<'_> {
         MessageHeader {
             publish_ms: self.publish_ms,
             expires_ms: self.expires_ms,
@@ -267,6 +275,7 @@ mod tests {
         };
         let value = StoredMessage::encode_value(header, b"env");
         let m = StoredMessage::decode(3, 4, &value).unwrap();
+        assert_eq!(StoredMessage::expires_ms_of(&value), Some(20));
         assert_eq!(
             (m.publish_ms, m.expires_ms, &m.envelope[..]),
             (10, 20, &b"env"[..])

@@ -21,6 +21,8 @@ use super::{
 };
 use crate::audit::{self, AuditEvent, Chain, EventKind};
 
+mod operator;
+
 /// Most expired messages or dedup entries handled per sweep (the rest wait
 /// for the next tick).
 const SWEEP_LIMIT: usize = 10_000;
@@ -167,6 +169,8 @@ impl Writer {
                     }
                 }
                 Op::Tick => self.sweep(&mut group, now),
+                Op::Redrive(op) => self.redrive(&mut group, op, now),
+                Op::Purge(op) => self.purge(&mut group, op, now),
                 Op::Sync(reply) => {
                     group.syncs.push(reply);
                     Ok(())
@@ -331,14 +335,38 @@ impl Writer {
                 group.delta(sub, -1, 1);
             }
         }
-        for other in topic.subs.iter().filter(|s| s.id != sub.id) {
+        self.release(group, sub.id, topic, seq, Some(message.expires_ms))
+    }
+
+    /// Removes the topic copy of `seq` (and its expiry entry) unless a
+    /// subscription other than `sub` still has it pending. Without
+    /// `expires_ms` it is read from the stored copy; an expiry entry left
+    /// behind is dropped by the sweep when its time comes.
+    fn release(
+        &self,
+        group: &mut Group,
+        sub: u32,
+        topic: &TopicState,
+        seq: u64,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StorageError> {
+        for other in topic.subs.iter().filter(|s| s.id != sub) {
             if self.exists(group, &keys::pending(other.id, seq))? {
                 return Ok(()); // still wanted by another subscription
             }
         }
-        group.del(&keys::message(topic.id, seq));
-        if message.expires_ms != 0 {
-            group.del(&keys::expiry(message.expires_ms, topic.id, seq));
+        let key = keys::message(topic.id, seq);
+        let expires_ms = match expires_ms {
+            Some(at) => at,
+            None => self
+                .db
+                .get(key)?
+                .and_then(|v| StoredMessage::expires_ms_of(&v))
+                .unwrap_or(0),
+        };
+        group.del(&key);
+        if expires_ms != 0 {
+            group.del(&keys::expiry(expires_ms, topic.id, seq));
         }
         Ok(())
     }
@@ -459,6 +487,9 @@ impl Writer {
             Ok(()) => {
                 if writes > 0 || !syncs.is_empty() {
                     let micros = started.elapsed().as_micros() as u64;
+                    ::metrics::histogram!(crate::metrics::FLUSH_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    ::metrics::histogram!(crate::metrics::FLUSH_MESSAGES).record(publishes as f64);
                     self.stats.flushes.fetch_add(1, Ordering::Relaxed);
                     self.stats.flush_micros.fetch_add(micros, Ordering::Relaxed);
                     self.stats.publishes.fetch_add(publishes, Ordering::Relaxed);

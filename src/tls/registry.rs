@@ -56,6 +56,7 @@ pub(crate) struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        ::metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
         self.registry.lock().live.remove(&self.id);
     }
 }
@@ -83,6 +84,7 @@ impl ConnectionRegistry {
             },
         );
         drop(inner);
+        ::metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
         let registration = Registration {
             id,
             registry: self.clone(),

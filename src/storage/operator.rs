@@ -1,0 +1,156 @@
+//! Operator actions on a subscription's stored messages (the Admin service).
+//! Redriving dead letters and purging pending entries go to the writer as
+//! [`Op`]s, so each is applied in one atomic batch together with its audit
+//! record, and answered only once that batch is durable. Listing dead letters
+//! and reading pending entries are plain (blocking) reads.
+//!
+//! # Invariants
+//! - A redriven dead letter becomes a pending entry with no attempts, and its
+//!   topic copy exists again, in the batch that removes the dead letter.
+//! - A purge chunk removes pending entries together with the topic copies no
+//!   other subscription still holds, and moves the depth counter by exactly
+//!   what it removed (to zero once nothing is left).
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::{keys, DeadLetter, Op, Pending, PendingRow, StorageError, Store, SubState, TopicState};
+use crate::audit::AuditEvent;
+
+/// What a redrive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redriven {
+    /// Sequences put back on the subscription, in order.
+    pub sequences: Vec<u64>,
+    /// Requested sequences that were not dead letters of the subscription.
+    pub missing: Vec<u64>,
+}
+
+/// Dead letters back to their subscription.
+pub(crate) struct RedriveOp {
+    pub sub: Arc<SubState>,
+    pub topic: Arc<TopicState>,
+    /// Empty: every dead letter, oldest first (up to `limit`).
+    pub sequences: Vec<u64>,
+    pub limit: usize,
+    /// The operator's audit record; the writer fills in the count.
+    pub event: AuditEvent,
+    /// Answered while the batch is built.
+    pub reply: oneshot::Sender<Result<Redriven, StorageError>>,
+    /// Answered after the flush covering it.
+    pub durable: oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// Up to `limit` pending entries of a subscription removed.
+pub(crate) struct PurgeOp {
+    pub sub: Arc<SubState>,
+    pub topic: Arc<TopicState>,
+    pub limit: usize,
+    /// The operator's audit record; the writer fills in the count.
+    pub event: AuditEvent,
+    /// Record the event even when nothing was removed (a purge's first chunk).
+    pub record_empty: bool,
+    pub reply: oneshot::Sender<Result<u64, StorageError>>,
+    pub durable: oneshot::Sender<Result<(), StorageError>>,
+}
+
+impl Store {
+    /// Puts dead letters of `sub` back as pending entries with their attempts
+    /// reset: those named by `sequences`, or (when empty) the oldest, at most
+    /// `limit` either way. Returns once the change is durable; the
+    /// subscription's dispatcher still has to be told (it holds no entry
+    /// below its read cursor that it did not read itself).
+    pub async fn redrive(
+        &self,
+        sub: Arc<SubState>,
+        topic: Arc<TopicState>,
+        sequences: Vec<u64>,
+        limit: usize,
+        event: AuditEvent,
+    ) -> Result<Redriven, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let (durable, flushed) = oneshot::channel();
+        self.send(Op::Redrive(RedriveOp {
+            sub,
+            topic,
+            sequences,
+            limit,
+            event,
+            reply,
+            durable,
+        }))
+        .await?;
+        let redriven = answer.await.map_err(|_| StorageError::Closed)??;
+        flushed.await.map_err(|_| StorageError::Closed)??;
+        Ok(redriven)
+    }
+
+    /// Removes up to `limit` pending entries of `sub` (oldest first) and the
+    /// topic copies nobody else holds; returns how many, once durable. Fewer
+    /// than `limit` means the subscription has no pending entry left.
+    pub async fn purge_chunk(
+        &self,
+        sub: Arc<SubState>,
+        topic: Arc<TopicState>,
+        limit: usize,
+        event: AuditEvent,
+        record_empty: bool,
+    ) -> Result<u64, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let (durable, flushed) = oneshot::channel();
+        self.send(Op::Purge(PurgeOp {
+            sub,
+            topic,
+            limit,
+            event,
+            record_empty,
+            reply,
+            durable,
+        }))
+        .await?;
+        let removed = answer.await.map_err(|_| StorageError::Closed)??;
+        flushed.await.map_err(|_| StorageError::Closed)??;
+        Ok(removed)
+    }
+
+    /// Up to `limit` dead letters of `sub` with a sequence above `after`,
+    /// oldest first. Blocking.
+    pub fn dead_letters_after(
+        &self,
+        sub: &SubState,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StorageError> {
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let range = keys::dead(sub.id, from)..=keys::dead(sub.id, u64::MAX);
+        let mut out = Vec::new();
+        for item in self.inner.tree.range(range).take(limit) {
+            let (key, value) = item?;
+            let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
+                what: format!("dead letter key of subscription {:?}", sub.name),
+            })?;
+            out.push(DeadLetter::decode(sub.topic, seq, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// The pending entries of `sub` at the given sequences (those that are
+    /// pending), each with its message. Blocking.
+    pub fn pending_rows(
+        &self,
+        sub: &SubState,
+        sequences: &[u64],
+    ) -> Result<Vec<PendingRow>, StorageError> {
+        let mut out = Vec::new();
+        for &seq in sequences {
+            if let Some(value) = self.inner.tree.get(keys::pending(sub.id, seq))? {
+                let pending = Pending::decode(&value)?;
+                out.push((seq, pending, self.load_message(sub.topic, seq)?));
+            }
+        }
+        Ok(out)
+    }
+}
