@@ -390,7 +390,9 @@ fn log_handshake_failure(remote_addr: SocketAddr, error: &io::Error) {
     let tls_error = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    let label = tls_error.map(super::failure::handshake_failure_label).unwrap_or("io");
+    let label = tls_error
+        .map(super::failure::handshake_failure_label)
+        .unwrap_or("io");
     ::metrics::counter!(crate::metrics::HANDSHAKE_FAILURES, "reason" => label).increment(1);
     match tls_error {
         Some(e) => info!(

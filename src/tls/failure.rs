@@ -86,6 +86,31 @@ fn rfc3339(time: &UnixTime) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(time.as_secs())).to_string()
 }
 
+/// A short, fixed label for a failed handshake (for metrics: a bounded set).
+pub fn handshake_failure_label(error: &Error) -> &'static str {
+    match error {
+        Error::InvalidCertificate(e) => match e {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::Revoked => "revoked",
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::UnknownRevocationStatus => "revocation_unknown",
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => "crl_stale",
+            _ => "bad_certificate",
+        },
+        Error::InvalidCertRevocationList(_) => "crl_unusable",
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::AlertReceived(_) => "client_alert",
+        Error::NoApplicationProtocol => "no_alpn",
+        Error::PeerIncompatible(_) => "incompatible",
+        _ => "protocol",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,30 +155,5 @@ mod tests {
             handshake_failure_reason(&Error::NoApplicationProtocol),
             "no common application protocol (the broker speaks h2)"
         );
-    }
-}
-
-/// A short, fixed label for a failed handshake (for metrics: a bounded set).
-pub fn handshake_failure_label(error: &Error) -> &'static str {
-    match error {
-        Error::InvalidCertificate(e) => match e {
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
-            }
-            CertificateError::Revoked => "revoked",
-            CertificateError::UnknownIssuer => "unknown_ca",
-            CertificateError::BadSignature => "bad_signature",
-            CertificateError::UnknownRevocationStatus => "revocation_unknown",
-            CertificateError::ExpiredRevocationList
-            | CertificateError::ExpiredRevocationListContext { .. } => "crl_stale",
-            _ => "bad_certificate",
-        },
-        Error::InvalidCertRevocationList(_) => "crl_unusable",
-        Error::NoCertificatesPresented => "no_certificate",
-        Error::AlertReceived(_) => "client_alert",
-        Error::NoApplicationProtocol => "no_alpn",
-        Error::PeerIncompatible(_) => "incompatible",
-        _ => "protocol",
     }
 }

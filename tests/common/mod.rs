@@ -241,6 +241,25 @@ impl TestBroker {
         broker
     }
 
+    /// A view over a broker this harness did not start (for its client
+    /// helpers); stopping it is the caller's business.
+    pub fn attach(
+        addr: SocketAddr,
+        tmp: Arc<tempfile::TempDir>,
+        pki: Arc<TestPki>,
+        config: Arc<Config>,
+    ) -> TestBroker {
+        TestBroker {
+            addr,
+            root: tmp.path().to_path_buf(),
+            pki,
+            config,
+            stop: None,
+            task: None,
+            tmp,
+        }
+    }
+
     /// Stops the broker gracefully (as SIGTERM would) and returns its temp
     /// dir and PKI for a restart.
     pub async fn stop(mut self) -> (Arc<tempfile::TempDir>, Arc<TestPki>) {
