@@ -25,7 +25,11 @@ fn main() -> anyhow::Result<()> {
         .codec_path("crate::codec::StrictCodec")
         .compile_fds(fds)?;
 
-    let mut library = vec!["joinery/rules/v1/rules.proto".to_string()];
+    let mut library = vec![
+        "joinery/rules/v1/rules.proto".to_string(),
+        // For the broker's own messages (delivery reports).
+        "joinery/v1/broker.proto".to_string(),
+    ];
     collect_protos(Path::new("proto"), Path::new("proto/interop"), &mut library)?;
     library.sort();
     // Encoded by protox itself: prost_types would drop the custom options

@@ -101,6 +101,10 @@ pub enum BrokerError {
     DiskLow { free: u64, min: u64 },
     #[error("the broker is shutting down; retry shortly")]
     ShuttingDown,
+    #[error("purging {subscription:?} removes every pending message and cannot be undone; set confirm to the subscription's name ({subscription:?}) to go ahead")]
+    PurgeNotConfirmed { subscription: String },
+    #[error("{given} sequences were named; at most {max} can be redriven in one call")]
+    TooManySequences { given: usize, max: usize },
     #[error("{0}")]
     Storage(#[from] StorageError),
 }
@@ -203,7 +207,8 @@ impl PendingPublish {
             ::metrics::counter!(crate::metrics::PUBLISHED, "topic" => self.topic, "agency" => self.sender)
                 .increment(1);
         }
-        ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS).record(self.started.elapsed().as_secs_f64());
+        ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS)
+            .record(self.started.elapsed().as_secs_f64());
         Ok(PublishResponse {
             sequence: published.seq,
             duplicate: published.duplicate,
@@ -228,6 +233,17 @@ impl Broker {
             dedup_window: b.dedup_window,
             max_batch: b.max_batch,
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
+            reports: config
+                .agencies
+                .iter()
+                .map(|a| {
+                    (
+                        a.id.clone(),
+                        Config::report_topic(&a.id),
+                        Config::report_subscription(&a.id),
+                    )
+                })
+                .collect(),
         };
         let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
         let subs: Vec<(String, String)> = config

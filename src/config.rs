@@ -569,6 +569,8 @@ const OVERRIDABLE: &[(&str, &str, Kind)] = &[
     ("tls", "dev_pki", Kind::Bool),
     ("tls", "max_connection_age", Kind::Text),
     ("tls", "reload_interval", Kind::Text),
+    ("metrics", "enabled", Kind::Bool),
+    ("metrics", "listen", Kind::Text),
 ];
 
 /// Apply the `JOINERY_BROKER_*` and `JOINERY_TLS_*` variables of `env` to `table`.
@@ -587,7 +589,7 @@ fn apply_env_overrides(
         let Some((section, key)) = rest.split_once('_') else {
             continue;
         };
-        if section != "broker" && section != "tls" {
+        if section != "broker" && section != "tls" && section != "metrics" {
             continue;
         }
         let Some(&(_, _, kind)) = OVERRIDABLE
@@ -670,9 +672,10 @@ impl Config {
                 .map_err(|err| ConfigError::from_toml(err, None))
         };
         match parsed {
-            Ok(config) => {
+            Ok(mut config) => {
                 errors.extend(config.validate());
                 if errors.is_empty() {
+                    config.add_report_topics();
                     Ok(config)
                 } else {
                     Err(ConfigErrors(errors))
@@ -732,6 +735,46 @@ impl Config {
         self.validate_subscriptions(&mut problems);
         self.validate_access(&mut problems);
         problems
+    }
+
+    /// Name of an agency's delivery-report topic.
+    pub fn report_topic(agency: &str) -> String {
+        format!("reports.{agency}")
+    }
+
+    /// Name of an agency's delivery-report subscription.
+    pub fn report_subscription(agency: &str) -> String {
+        format!("{agency}.reports")
+    }
+
+    /// Gives every agency a delivery-report topic (`reports.<id>`, written
+    /// only by the broker itself) and a subscription to it
+    /// (`<id>.reports`), unless the config already defines them.
+    fn add_report_topics(&mut self) {
+        for agency in self.agencies.clone() {
+            let topic = Self::report_topic(&agency.id);
+            if self.topic(&topic).is_none() {
+                self.topics.push(TopicConfig {
+                    name: topic.clone(),
+                    message_types: vec!["joinery.v1.DeliveryReport".into()],
+                    publishers: Vec::new(),
+                    subscribers: vec![agency.id.clone()],
+                    retention: Some(Duration::from_secs(30 * 24 * 3600)),
+                    max_marking: Marking::Official,
+                });
+            }
+            let subscription = Self::report_subscription(&agency.id);
+            if self.subscription(&subscription).is_none() {
+                self.subscriptions.push(SubscriptionConfig {
+                    name: subscription,
+                    topic,
+                    owner: agency.id.clone(),
+                    ack_deadline: default_ack_deadline(),
+                    max_deliveries: default_max_deliveries(),
+                    max_depth: default_max_depth(),
+                });
+            }
+        }
     }
 
     /// The agency with id `id`.
@@ -1130,7 +1173,13 @@ mod tests {
     #[test]
     fn embedded_default_loads_and_validates() {
         let config = Config::load_str(DEFAULT_CONFIG, no_env()).expect("default config");
-        assert_eq!(config.broker, BrokerConfig::default());
+        assert_eq!(
+            config.broker,
+            BrokerConfig {
+                operators: vec!["council-demo".into()],
+                ..BrokerConfig::default()
+            }
+        );
         assert!(config.tls.dev_pki);
         assert_eq!(config.agencies.len(), 3);
         let topic = config.topic("referral.safeguarding").expect("topic");
@@ -1164,7 +1213,7 @@ mod tests {
     fn example_config_sets_exactly_the_overridable_keys() {
         // Every scalar key of [broker] and [tls] (lists are not overridable).
         let table: toml::Table = toml::from_str(EXAMPLE_CONFIG).expect("example parses");
-        let mut in_example: Vec<(String, String)> = ["broker", "tls"]
+        let mut in_example: Vec<(String, String)> = ["broker", "tls", "metrics"]
             .iter()
             .flat_map(|section| {
                 table[*section]
@@ -1252,9 +1301,9 @@ mod tests {
 
     #[test]
     fn unknown_top_level_table_is_rejected() {
-        let problems = load_errors(&format!("{BASE}\n[metrics]\nlisten = \"x\"\n"));
+        let problems = load_errors(&format!("{BASE}\n[metricz]\nlisten = \"x\"\n"));
         assert!(
-            problems[0].contains("unknown field `metrics`"),
+            problems[0].contains("unknown field `metricz`"),
             "{problems:?}"
         );
     }

@@ -21,8 +21,11 @@
 //! [`run`] wires it together on a bound listener with a shutdown future, so
 //! an application or a test can embed a whole broker in a few lines.
 //! [`pki`] makes development and test certificates; [`shutdown`] carries the
-//! stop signal to every task.
+//! stop signal to every task. [`admin`] holds the operators' actions on
+//! subscriptions (dead letters, redrive, purge, peek) behind the Admin
+//! service, and their command line.
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod broker;

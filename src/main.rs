@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
+use joinery::admin::cli as admin_cli;
 use joinery::client::ClientOptions;
 use joinery::config::Config;
 use joinery::proto::{subscribe_request, Envelope, PublishRequest, SubscribeRequest};
@@ -60,6 +61,50 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: joinery::audit::cli::AuditCommand,
+    },
+    /// Subscriptions at a glance: depth, in flight, oldest unacked, dead letters (operators).
+    Stats {
+        #[command(flatten)]
+        args: admin_cli::StatsArgs,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Dead letters: list them, or redrive them back to their subscription (operators).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Remove every pending message of a subscription (operators; cannot be undone).
+    Purge {
+        #[command(flatten)]
+        args: admin_cli::PurgeArgs,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Show the next pending messages of a subscription: headers, payloads only on request (operators).
+    Peek {
+        #[command(flatten)]
+        args: admin_cli::PeekArgs,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// A subscription's dead letters with reason and attempts (no payloads).
+    List {
+        #[command(flatten)]
+        args: admin_cli::DlqListArgs,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Put dead letters back on their subscription: delivered again from attempt 1.
+    Redrive {
+        #[command(flatten)]
+        args: admin_cli::DlqRedriveArgs,
+        #[command(flatten)]
+        conn: Connection,
     },
 }
 
@@ -117,6 +162,11 @@ struct Connection {
 }
 
 impl Connection {
+    /// Options for an operator command (the demo operator by default).
+    fn operator(&self) -> ClientOptions {
+        self.options("council-demo")
+    }
+
     fn options(&self, default_agency: &str) -> ClientOptions {
         let agency = self.agency.as_deref().unwrap_or(default_agency);
         let agencies = self.pki_dir.join("agencies");
@@ -247,6 +297,21 @@ fn main() -> ExitCode {
         Command::Audit { command } => {
             joinery::audit::cli::run(command).map_err(anyhow::Error::from)
         }
+        Command::Stats { args, conn } => {
+            operator_command(runtime.block_on(admin_cli::stats(&conn.operator(), &args)))
+        }
+        Command::Dlq {
+            command: DlqCommand::List { args, conn },
+        } => operator_command(runtime.block_on(admin_cli::dlq_list(&conn.operator(), &args))),
+        Command::Dlq {
+            command: DlqCommand::Redrive { args, conn },
+        } => operator_command(runtime.block_on(admin_cli::dlq_redrive(&conn.operator(), &args))),
+        Command::Purge { args, conn } => {
+            operator_command(runtime.block_on(admin_cli::purge(&conn.operator(), &args)))
+        }
+        Command::Peek { args, conn } => {
+            operator_command(runtime.block_on(admin_cli::peek(&conn.operator(), &args)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -258,6 +323,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// An operator command's outcome, a refusal kept as the gRPC status it is.
+fn operator_command(result: Result<(), admin_cli::AdminCliError>) -> anyhow::Result<()> {
+    result.map_err(|e| match e {
+        admin_cli::AdminCliError::Rpc(status) => anyhow::Error::from(status),
+        other => anyhow::Error::from(other),
+    })
 }
 
 fn init_tracing() {

@@ -251,7 +251,9 @@ async fn admin_service_is_for_operators_only() {
         .unwrap()
         .into_inner();
     let names: Vec<&str> = topics.topics.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, ["referral.safeguarding", "referral.marac"]);
+    // The configured topics, then every agency's delivery-report topic.
+    assert_eq!(names[..2], ["referral.safeguarding", "referral.marac"]);
+    assert!(names.contains(&"reports.council-leeds"), "{names:?}");
 
     for agency in ["council-leeds", "police-north-wales"] {
         let c = broker.pki.agency(agency);

@@ -108,9 +108,11 @@ impl Harness {
             let port = free_port();
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let template = config_text(&self.root, BODY);
-            let text = template.replace(
+            // The first `listen` is [broker]'s; [metrics] keeps port 0.
+            let text = template.replacen(
                 r#"listen = "127.0.0.1:0""#,
                 &format!(r#"listen = "{addr}""#),
+                1,
             );
             assert_ne!(
                 text, template,

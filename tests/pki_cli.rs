@@ -493,6 +493,9 @@ key = "{tls}/server.key"
 crl = ["{ca}/ca.crl"]
 reload_interval = "1s"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [[agency]]
 id = "police"
 name = "Test Police"

@@ -150,6 +150,9 @@ key = "{pki}/server.key"
 
 [schemas]
 dirs = ["{schemas}"]
+
+[metrics]
+listen = "127.0.0.1:0"
 {body}
 "#,
         data = root.join("data").display(),

@@ -4,7 +4,6 @@
 //! self-contained status page that refreshes itself) and `/api/status` (the
 //! JSON the page reads).
 
-
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -78,8 +77,16 @@ async fn healthz() -> &'static str {
 async fn readyz(State(ops): State<Ops>) -> Response {
     if ops.readiness.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
-    } else if ops.readiness.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n").into_response()
+    } else if ops
+        .readiness
+        .stopping
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+            .into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n").into_response()
     }
@@ -148,4 +155,3 @@ fn status_view(ops: &Ops) -> StatusView {
         subscriptions,
     }
 }
-

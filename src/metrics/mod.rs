@@ -43,28 +43,112 @@ pub const CERT_EXPIRY: &str = "joinery_certificate_expiry_timestamp_seconds";
 
 /// Registers the help text of every metric (call once, after installing a recorder).
 pub fn describe() {
-    describe_counter!(PUBLISHED, Unit::Count, "Messages accepted and stored, by topic and publishing agency (duplicates excluded).");
-    describe_counter!(DELIVERED, Unit::Count, "Deliveries to consumers, first attempts and redeliveries, by subscription.");
-    describe_counter!(REDELIVERED, Unit::Count, "Deliveries with attempt > 1, by subscription.");
-    describe_counter!(ACKED, Unit::Count, "Messages acknowledged by consumers, by subscription.");
-    describe_counter!(NACKED, Unit::Count, "Deliveries given back by consumers (nack), by subscription.");
+    describe_counter!(
+        PUBLISHED,
+        Unit::Count,
+        "Messages accepted and stored, by topic and publishing agency (duplicates excluded)."
+    );
+    describe_counter!(
+        DELIVERED,
+        Unit::Count,
+        "Deliveries to consumers, first attempts and redeliveries, by subscription."
+    );
+    describe_counter!(
+        REDELIVERED,
+        Unit::Count,
+        "Deliveries with attempt > 1, by subscription."
+    );
+    describe_counter!(
+        ACKED,
+        Unit::Count,
+        "Messages acknowledged by consumers, by subscription."
+    );
+    describe_counter!(
+        NACKED,
+        Unit::Count,
+        "Deliveries given back by consumers (nack), by subscription."
+    );
     describe_counter!(DEAD_LETTERED, Unit::Count, "Messages moved to dead letters, by subscription and reason (max_deliveries, expired, unreadable).");
-    describe_counter!(EXPIRED, Unit::Count, "Messages dead-lettered because they expired, by subscription.");
-    describe_counter!(REJECTED, Unit::Count, "Publishes refused, by reason (the stable reason of the error).");
-    describe_counter!(DENIED, Unit::Count, "Requests refused for identity, access, marking or limits, by reason.");
-    describe_gauge!(DEPTH, Unit::Count, "Messages pending in a subscription (published to it, neither acked nor dead-lettered).");
-    describe_gauge!(IN_FLIGHT, Unit::Count, "Deliveries of a subscription awaiting ack.");
-    describe_gauge!(OLDEST_UNACKED, Unit::Seconds, "Age of the oldest pending message of a subscription (0 when empty).");
-    describe_gauge!(DEAD_LETTERS, Unit::Count, "Messages in a subscription's dead letters.");
-    describe_histogram!(PUBLISH_SECONDS, Unit::Seconds, "Time from receiving a publish to answering it (validation, group commit, fsync).");
-    describe_histogram!(PUBLISH_TO_ACK_SECONDS, Unit::Seconds, "Time from publish to the consumer's ack, by subscription.");
-    describe_histogram!(FLUSH_SECONDS, Unit::Seconds, "Duration of one group commit: batch apply, flush and fsync.");
-    describe_histogram!(FLUSH_MESSAGES, Unit::Count, "Publishes covered by one group commit.");
-    describe_gauge!(STORAGE_BYTES, Unit::Bytes, "Bytes sled reports for the data directory.");
-    describe_gauge!(CONNECTIONS, Unit::Count, "Open client connections (after the TLS handshake).");
-    describe_gauge!(STREAMS, Unit::Count, "Open PublishStream and Subscribe streams.");
-    describe_counter!(HANDSHAKE_FAILURES, Unit::Count, "TLS handshakes that failed, by reason (unknown_ca, expired, revoked, ...).");
-    describe_gauge!(CERT_EXPIRY, Unit::Seconds, "Expiry time (Unix seconds) of the certificates the broker uses, by certificate.");
+    describe_counter!(
+        EXPIRED,
+        Unit::Count,
+        "Messages dead-lettered because they expired, by subscription."
+    );
+    describe_counter!(
+        REJECTED,
+        Unit::Count,
+        "Publishes refused, by reason (the stable reason of the error)."
+    );
+    describe_counter!(
+        DENIED,
+        Unit::Count,
+        "Requests refused for identity, access, marking or limits, by reason."
+    );
+    describe_gauge!(
+        DEPTH,
+        Unit::Count,
+        "Messages pending in a subscription (published to it, neither acked nor dead-lettered)."
+    );
+    describe_gauge!(
+        IN_FLIGHT,
+        Unit::Count,
+        "Deliveries of a subscription awaiting ack."
+    );
+    describe_gauge!(
+        OLDEST_UNACKED,
+        Unit::Seconds,
+        "Age of the oldest pending message of a subscription (0 when empty)."
+    );
+    describe_gauge!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "Messages in a subscription's dead letters."
+    );
+    describe_histogram!(
+        PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Time from receiving a publish to answering it (validation, group commit, fsync)."
+    );
+    describe_histogram!(
+        PUBLISH_TO_ACK_SECONDS,
+        Unit::Seconds,
+        "Time from publish to the consumer's ack, by subscription."
+    );
+    describe_histogram!(
+        FLUSH_SECONDS,
+        Unit::Seconds,
+        "Duration of one group commit: batch apply, flush and fsync."
+    );
+    describe_histogram!(
+        FLUSH_MESSAGES,
+        Unit::Count,
+        "Publishes covered by one group commit."
+    );
+    describe_gauge!(
+        STORAGE_BYTES,
+        Unit::Bytes,
+        "Bytes sled reports for the data directory."
+    );
+    describe_gauge!(
+        CONNECTIONS,
+        Unit::Count,
+        "Open client connections (after the TLS handshake)."
+    );
+    describe_gauge!(
+        STREAMS,
+        Unit::Count,
+        "Open PublishStream and Subscribe streams."
+    );
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes that failed, by reason (unknown_ca, expired, revoked, ...)."
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "Expiry time (Unix seconds) of the certificates the broker uses, by certificate."
+    );
 }
 
 /// Installs the Prometheus recorder for this process and describes every
@@ -84,7 +168,10 @@ pub fn install() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 }
 
 /// Once a second, sets the state gauges from the broker's counters.
-pub async fn sample(broker: crate::broker::Broker, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn sample(
+    broker: crate::broker::Broker,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let certificate = cert_expiry(&broker.config().tls.cert);
@@ -95,7 +182,9 @@ pub async fn sample(broker: crate::broker::Broker, mut shutdown: tokio::sync::wa
         }
         let store = broker.store();
         for sub in &broker.config().subscriptions {
-            let Some(state) = store.subscription(&sub.name) else { continue };
+            let Some(state) = store.subscription(&sub.name) else {
+                continue;
+            };
             let label = [("subscription", sub.name.clone())];
             gauge!(DEPTH, &label).set(state.depth() as f64);
             gauge!(DEAD_LETTERS, &label).set(state.dead_letters() as f64);

@@ -1,7 +1,10 @@
 //! The dispatcher of one subscription: an actor task that loads pending
 //! messages from the store in order, delivers them to attached consumers
 //! within their flow-control limits, and handles acks, nacks, ack deadlines,
-//! redelivery, dead-lettering and expiry.
+//! redelivery, dead-lettering and expiry, and operator actions (redrive,
+//! purge: see [`operator`]).
+
+mod operator;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -153,7 +156,10 @@ impl Dispatcher {
     /// most every 500 ms: it walks the in-flight set.
     fn report(&mut self) {
         let now = Instant::now();
-        if self.reported_at.is_some_and(|at| now.duration_since(at) < Duration::from_millis(500)) {
+        if self
+            .reported_at
+            .is_some_and(|at| now.duration_since(at) < Duration::from_millis(500))
+        {
             return;
         }
         self.reported_at = Some(now);
@@ -237,6 +243,14 @@ impl Dispatcher {
                         *credit = credit.saturating_add(u64::from(n));
                     }
                 }
+            }
+            Event::Redriven { seqs } => self.redriven(seqs).await,
+            Event::Purge {
+                event,
+                fence,
+                reply,
+            } => {
+                let _ = reply.send(self.purge(*event, &fence).await);
             }
         }
     }
@@ -354,7 +368,8 @@ impl Dispatcher {
                 ::metrics::counter!(crate::metrics::DEAD_LETTERED, "subscription" => subscription.clone(), "reason" => reason.as_str())
                     .increment(1);
                 if reason == DeadReason::Expired {
-                    ::metrics::counter!(crate::metrics::EXPIRED, "subscription" => subscription).increment(1);
+                    ::metrics::counter!(crate::metrics::EXPIRED, "subscription" => subscription)
+                        .increment(1);
                 }
                 Outcome::DeadLetter {
                     reason,

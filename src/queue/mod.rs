@@ -14,19 +14,25 @@
 //! - Only durable messages are delivered (the topic's `committed` sequence).
 //! - A message is acked, dead-lettered or still pending: the store decides,
 //!   so an ack that races an expiry settles it once.
+//! - After a purge, nothing the dispatcher handed out before it reaches a
+//!   consumer any more (a delivery fence), and acks of such deliveries are
+//!   ignored.
 
 mod dispatcher;
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 use tracing::Instrument;
 
+use crate::audit::AuditEvent;
 use crate::proto::Delivery;
-use crate::storage::{Store, SubState, TopicState};
+use crate::storage::{StorageError, Store, SubState, TopicState};
 
 /// What a dispatcher needs to know about its subscription.
 #[derive(Debug, Clone)]
@@ -46,6 +52,15 @@ pub enum AttachError {
     TooManyConsumers { subscription: String, max: usize },
     #[error("the broker is shutting down")]
     ShuttingDown,
+}
+
+/// Why an operator action on a running subscription failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    #[error("storage failed during the action")]
+    Storage(#[from] StorageError),
 }
 
 pub(crate) enum Event {
@@ -72,6 +87,16 @@ pub(crate) enum Event {
         consumer: u64,
         n: u32,
     },
+    /// Dead letters were put back as pending entries: deliver them again.
+    Redriven {
+        seqs: Vec<u64>,
+    },
+    /// Drop everything held, remove every pending entry, answer the count.
+    Purge {
+        event: Box<AuditEvent>,
+        fence: Arc<AtomicU64>,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
 }
 
 /// A running subscription: cheap to clone.
@@ -82,6 +107,8 @@ pub struct Subscription {
     pub topic: Arc<TopicState>,
     events: mpsc::Sender<Event>,
     next_consumer: Arc<AtomicU64>,
+    /// Deliveries with an id below this were made before a purge: stale.
+    fence: Arc<AtomicU64>,
 }
 
 const EVENT_QUEUE: usize = 4096;
@@ -117,6 +144,7 @@ impl Subscription {
             topic,
             events,
             next_consumer: Arc::new(AtomicU64::new(1)),
+            fence: Arc::new(AtomicU64::new(0)),
         };
         (sub, handle)
     }
@@ -144,9 +172,59 @@ impl Subscription {
         answer.await.map_err(|_| AttachError::ShuttingDown)??;
         Ok(Consumer {
             id: consumer,
-            deliveries: Some(deliveries),
+            deliveries: Some(Deliveries {
+                rx: deliveries,
+                fence: self.fence.clone(),
+            }),
             events: self.events.clone(),
         })
+    }
+
+    /// Tells the dispatcher that these sequences are pending again (after a
+    /// redrive made them durable), so it delivers them again.
+    pub async fn redriven(&self, seqs: Vec<u64>) -> Result<(), ActionError> {
+        self.events
+            .send(Event::Redriven { seqs })
+            .await
+            .map_err(|_| ActionError::ShuttingDown)
+    }
+
+    /// Purges the subscription: the dispatcher drops what it holds (in-flight
+    /// deliveries become stale), then removes every pending entry in chunks.
+    /// Returns how many were removed. `event` is the operator's audit record.
+    pub async fn purge(&self, event: AuditEvent) -> Result<u64, ActionError> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(Event::Purge {
+                event: Box::new(event),
+                fence: self.fence.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| ActionError::ShuttingDown)?;
+        Ok(answer.await.map_err(|_| ActionError::ShuttingDown)??)
+    }
+}
+
+/// A consumer's delivery stream, without deliveries made stale by a purge
+/// while they waited in the channel.
+pub struct Deliveries {
+    rx: mpsc::Receiver<Result<Delivery, Status>>,
+    fence: Arc<AtomicU64>,
+}
+
+impl futures_util::Stream for Deliveries {
+    type Item = Result<Delivery, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(d))) if d.delivery_id < self.fence.load(Ordering::Acquire) => {
+                    continue
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -154,13 +232,13 @@ impl Subscription {
 /// delivered again (to it or another consumer).
 pub struct Consumer {
     pub id: u64,
-    deliveries: Option<mpsc::Receiver<Result<Delivery, Status>>>,
+    deliveries: Option<Deliveries>,
     events: mpsc::Sender<Event>,
 }
 
 impl Consumer {
     /// The delivery stream (taken once).
-    pub fn take_deliveries(&mut self) -> Option<mpsc::Receiver<Result<Delivery, Status>>> {
+    pub fn take_deliveries(&mut self) -> Option<Deliveries> {
         self.deliveries.take()
     }
 

@@ -1,16 +1,20 @@
 //! `joinery.v1.Admin`: operations, for `broker.operators` only. Every call by
 //! anyone else is refused (PERMISSION_DENIED, `not_an_operator`), counted and
-//! audited.
+//! audited. The actions on subscriptions live in [`crate::admin`].
 
 use tonic::{Request, Response, Status};
 
 use super::broker_service::{identify, refuse};
+use crate::admin;
 use crate::broker::Broker;
+use crate::broker::BrokerError;
 use crate::config::Marking;
 use crate::proto::admin_server;
 use crate::proto::{
-    GetStatsRequest, GetStatsResponse, ListTopicsRequest, ListTopicsResponse, RefusalCount,
-    SubscriptionStats, TopicInfo,
+    GetStatsRequest, GetStatsResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    ListTopicsRequest, ListTopicsResponse, PeekMessagesRequest, PeekMessagesResponse,
+    PurgeSubscriptionRequest, PurgeSubscriptionResponse, RedriveDeadLettersRequest,
+    RedriveDeadLettersResponse, RefusalCount, SubscriptionStats, TopicInfo,
 };
 
 pub struct AdminService {
@@ -31,6 +35,19 @@ impl AdminService {
         match self.broker.check_operator(&caller) {
             Ok(()) => Ok(caller),
             Err(e) => Err(refuse(&self.broker, &caller, "", "", e).await),
+        }
+    }
+
+    /// The answer to an action on `subscription`, refusals counted and audited.
+    async fn answer<T>(
+        &self,
+        operator: &str,
+        subscription: &str,
+        result: Result<T, BrokerError>,
+    ) -> Result<Response<T>, Status> {
+        match result {
+            Ok(response) => Ok(Response::new(response)),
+            Err(e) => Err(refuse(&self.broker, operator, "", subscription, e).await),
         }
     }
 }
@@ -91,6 +108,11 @@ impl admin_server::Admin for AdminService {
                     owner: s.owner.clone(),
                     depth: state.as_ref().map(|st| st.depth()).unwrap_or(0),
                     dead_letters: state.as_ref().map(|st| st.dead_letters()).unwrap_or(0),
+                    in_flight: state.as_ref().map(|st| st.in_flight()).unwrap_or(0),
+                    oldest_unacked_age_ms: state
+                        .as_ref()
+                        .map(|st| st.oldest_pending_age().as_millis() as u64)
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -111,5 +133,49 @@ impl admin_server::Admin for AdminService {
             publishes,
             max_publishes_per_flush,
         }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let operator = self.operator(&request).await?;
+        let request = request.into_inner();
+        let name = request.subscription.clone();
+        let result = admin::list_dead_letters(&self.broker, &operator, request).await;
+        self.answer(&operator, &name, result).await
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<RedriveDeadLettersRequest>,
+    ) -> Result<Response<RedriveDeadLettersResponse>, Status> {
+        let operator = self.operator(&request).await?;
+        let request = request.into_inner();
+        let name = request.subscription.clone();
+        let result = admin::redrive_dead_letters(&self.broker, &operator, request).await;
+        self.answer(&operator, &name, result).await
+    }
+
+    async fn purge_subscription(
+        &self,
+        request: Request<PurgeSubscriptionRequest>,
+    ) -> Result<Response<PurgeSubscriptionResponse>, Status> {
+        let operator = self.operator(&request).await?;
+        let request = request.into_inner();
+        let name = request.subscription.clone();
+        let result = admin::purge_subscription(&self.broker, &operator, request).await;
+        self.answer(&operator, &name, result).await
+    }
+
+    async fn peek_messages(
+        &self,
+        request: Request<PeekMessagesRequest>,
+    ) -> Result<Response<PeekMessagesResponse>, Status> {
+        let operator = self.operator(&request).await?;
+        let request = request.into_inner();
+        let name = request.subscription.clone();
+        let result = admin::peek_messages(&self.broker, &operator, request).await;
+        self.answer(&operator, &name, result).await
     }
 }

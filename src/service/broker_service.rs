@@ -248,6 +248,6 @@ impl broker_server::Broker for BrokerService {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(deliveries))))
+        Ok(Response::new(Box::pin(deliveries)))
     }
 }

@@ -44,6 +44,8 @@ pub fn classify(err: &BrokerError) -> (Code, &'static str) {
         RateLimited { .. } => (Code::ResourceExhausted, "rate_limited"),
         TooManyStreams { .. } => (Code::ResourceExhausted, "too_many_streams"),
         DiskLow { .. } => (Code::Unavailable, "disk_low"),
+        PurgeNotConfirmed { .. } => (Code::FailedPrecondition, "purge_not_confirmed"),
+        TooManySequences { .. } => (Code::InvalidArgument, "too_many_sequences"),
         Attach(AttachError::ShuttingDown) | ShuttingDown => (Code::Unavailable, "shutting_down"),
         Storage(_) => (Code::Unavailable, "storage_unavailable"),
     }

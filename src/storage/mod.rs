@@ -98,6 +98,9 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// Audit log retention; None turns the audit log off.
     pub audit_retention: Option<Duration>,
+    /// (agency, report topic, report subscription): where delivery reports
+    /// about the agency's messages go.
+    pub reports: Vec<(String, String, String)>,
 }
 
 /// A topic as the store sees it.
@@ -162,7 +165,8 @@ impl SubState {
     /// Called by the dispatcher with what it holds.
     pub fn report(&self, in_flight: u64, oldest_pending_ms: u64) {
         self.in_flight.store(in_flight, Ordering::Relaxed);
-        self.oldest_pending_ms.store(oldest_pending_ms, Ordering::Relaxed);
+        self.oldest_pending_ms
+            .store(oldest_pending_ms, Ordering::Relaxed);
     }
 
     /// Messages the expiry sweep found past their expiry, to be dead-lettered.
@@ -399,6 +403,15 @@ impl Store {
             None => None,
         };
         let audit_enabled = audit.is_some();
+        let reports = options
+            .reports
+            .iter()
+            .filter_map(|(agency, topic, sub)| {
+                let topic = topic_states.get(topic)?.clone();
+                let sub = topic.subs.iter().find(|s| s.name == *sub)?.clone();
+                Some((agency.clone(), (topic, sub)))
+            })
+            .collect();
         let writer = writer::Writer::new(
             db.clone(),
             dir,
@@ -407,6 +420,7 @@ impl Store {
             topic_states.values().cloned().collect(),
             stats.clone(),
             audit,
+            reports,
         )?;
         let handle = std::thread::Builder::new()
             .name("joinery-writer".into())
@@ -792,6 +806,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],
             &[
@@ -932,6 +947,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                reports: Vec::new(),
             },
             &["t".to_string()],
             &[],
@@ -952,6 +968,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],
             &[("a".to_string(), "quiet".to_string())],

@@ -154,3 +154,174 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::EventKind;
+    use crate::storage::{now_ms, DeadReason, Outcome, PublishOp, StoreOptions};
+
+    fn open(dir: &Path) -> Store {
+        Store::open(
+            dir,
+            StoreOptions {
+                cache_capacity: 4 << 20,
+                dedup_window: Duration::from_secs(60),
+                max_batch: 16,
+                audit_retention: Some(Duration::from_secs(86400)),
+                reports: Vec::new(),
+            },
+            &["t".to_string()],
+            &[
+                ("a".to_string(), "t".to_string()),
+                ("b".to_string(), "t".to_string()),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn publish(store: &Store, targets: &[&str]) -> u64 {
+        let (reply, rx) = oneshot::channel();
+        store
+            .publish(PublishOp {
+                topic: store.topic("t").unwrap(),
+                targets: targets
+                    .iter()
+                    .map(|s| store.subscription(s).unwrap())
+                    .collect(),
+                dedup_key: None,
+                publish_ms: now_ms(),
+                expires_ms: 0,
+                sender: "police".into(),
+                message_id: "m".into(),
+                message_type: "t.T".into(),
+                digest: [0; 32],
+                envelope: b"envelope".to_vec(),
+                reply,
+            })
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap().seq
+    }
+
+    fn event(kind: EventKind) -> AuditEvent {
+        AuditEvent::new(kind, "ops")
+    }
+
+    #[tokio::test]
+    async fn a_chunked_purge_empties_the_subscription_and_keeps_copies_others_hold() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let mut only_a = Vec::new();
+        let mut shared = Vec::new();
+        for _ in 0..7 {
+            only_a.push(publish(&store, &["a"]).await);
+        }
+        for _ in 0..3 {
+            shared.push(publish(&store, &["a", "b"]).await);
+        }
+        let (a, b, topic) = (
+            store.subscription("a").unwrap(),
+            store.subscription("b").unwrap(),
+            store.topic("t").unwrap(),
+        );
+        assert_eq!((a.depth(), b.depth()), (10, 3));
+        let mut removed = Vec::new();
+        loop {
+            let n = store
+                .purge_chunk(a.clone(), topic.clone(), 4, event(EventKind::Purge), true)
+                .await
+                .unwrap();
+            removed.push((n, a.depth()));
+            if n < 4 {
+                break;
+            }
+        }
+        assert_eq!(removed, [(4, 6), (4, 2), (2, 0)]);
+        assert!(store.scan_pending(&a, 0, u64::MAX, 100).unwrap().is_empty());
+        assert_eq!(b.depth(), 3);
+        for seq in only_a {
+            assert!(
+                store.load_message(topic.id, seq).unwrap().is_none(),
+                "{seq} released"
+            );
+        }
+        for seq in shared {
+            assert!(
+                store.load_message(topic.id, seq).unwrap().is_some(),
+                "{seq} kept for b"
+            );
+        }
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_redrive_restores_the_topic_copy_and_a_fresh_pending_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, &["a"]).await;
+        let other = publish(&store, &["a"]).await;
+        let (a, topic) = (store.subscription("a").unwrap(), store.topic("t").unwrap());
+        let message = store.load_message(topic.id, seq).unwrap().unwrap();
+        store
+            .settle(
+                a.clone(),
+                topic.clone(),
+                message.clone(),
+                Outcome::DeadLetter {
+                    reason: DeadReason::MaxDeliveries,
+                    attempts: 5,
+                },
+                "council".into(),
+            )
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
+        assert!(store.load_message(topic.id, seq).unwrap().is_none());
+        assert_eq!((a.depth(), a.dead_letters()), (1, 1));
+
+        let redriven = store
+            .redrive(
+                a.clone(),
+                topic.clone(),
+                vec![],
+                10,
+                event(EventKind::Redrive),
+            )
+            .await
+            .unwrap();
+        assert_eq!(redriven.sequences, [seq]);
+        assert_eq!((a.depth(), a.dead_letters()), (2, 0));
+        assert_eq!(store.load_message(topic.id, seq).unwrap(), Some(message));
+        let rows = store.pending_rows(&a, &[seq, other, 99]).unwrap();
+        let found: Vec<(u64, u32)> = rows.iter().map(|r| (r.0, r.1.attempts)).collect();
+        assert_eq!(found, [(seq, 0), (other, 0)]);
+        assert!(store.dead_letters_after(&a, 0, 10).unwrap().is_empty());
+
+        // Nothing left to redrive; a named sequence that is not dead is reported.
+        let again = store
+            .redrive(
+                a.clone(),
+                topic.clone(),
+                vec![seq],
+                10,
+                event(EventKind::Redrive),
+            )
+            .await
+            .unwrap();
+        assert_eq!((again.sequences, again.missing), (vec![], vec![seq]));
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(tmp.path());
+        let a = store.subscription("a").unwrap();
+        assert_eq!(
+            (a.depth(), a.dead_letters()),
+            (2, 0),
+            "counters are durable"
+        );
+        store.close().await.unwrap();
+    }
+}

@@ -43,6 +43,8 @@ pub(super) struct Writer {
     failed: Option<String>,
     /// Head of the audit chain (None: audit log off).
     audit: Option<Chain>,
+    /// agency → its delivery-report topic and subscription.
+    reports: HashMap<String, (Arc<TopicState>, Arc<SubState>)>,
 }
 
 /// State of one group commit being built.
@@ -90,6 +92,7 @@ impl Writer {
         topics: Vec<Arc<TopicState>>,
         stats: Arc<FlushStats>,
         audit: Option<Chain>,
+        reports: HashMap<String, (Arc<TopicState>, Arc<SubState>)>,
     ) -> Result<Self, StorageError> {
         let path = dir.join("db");
         let db_file = std::fs::File::open(&path).map_err(|source| StorageError::Io {
@@ -110,6 +113,7 @@ impl Writer {
             swept_until_ms: 0,
             failed: None,
             audit,
+            reports,
         })
     }
 
@@ -239,34 +243,14 @@ impl Writer {
             }
         }
 
-        let next = self.next_seq.entry(topic).or_insert(1);
-        let seq = *next;
-        *next += 1;
-        group.put(&keys::next_seq(topic), &(seq + 1).to_be_bytes());
-        // With no subscription to receive it, nothing would ever release the
-        // topic copy: take the sequence (and dedup entry) but store no copy.
-        if !p.targets.is_empty() {
-            let header = MessageHeader {
-                publish_ms: p.publish_ms,
-                expires_ms: p.expires_ms,
-                digest: &p.digest,
-                message_id: &p.message_id,
-                message_type: &p.message_type,
-            };
-            group.put(
-                &keys::message(topic, seq),
-                &StoredMessage::encode_value(header, &p.envelope),
-            );
-            let empty = Pending::default().encode();
-            for sub in &p.targets {
-                group.put(&keys::pending(sub.id, seq), &empty);
-                group.delta(sub, 1, 0);
-                group.woken.insert(sub.id, sub.clone());
-            }
-            if p.expires_ms != 0 {
-                group.put(&keys::expiry(p.expires_ms, topic, seq), &[]);
-            }
-        }
+        let header = MessageHeader {
+            publish_ms: p.publish_ms,
+            expires_ms: p.expires_ms,
+            digest: &p.digest,
+            message_id: &p.message_id,
+            message_type: &p.message_type,
+        };
+        let seq = self.append(group, topic, &p.targets, header, &p.envelope);
         if let Some(dedup_key) = p.dedup_key.clone() {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&p.publish_ms.to_be_bytes());
@@ -276,7 +260,6 @@ impl Writer {
         }
         let event = publish_event(&p, EventKind::Publish, seq);
         self.record(group, &event, now);
-        group.committed.insert(topic, seq);
         group.publishes += 1;
         group.replies.push((
             p.reply,
@@ -286,6 +269,109 @@ impl Writer {
             },
         ));
         Ok(())
+    }
+
+    /// Gives a message the next sequence of `topic` and stores it for
+    /// `targets`. With no target, nothing would ever release the topic copy:
+    /// the sequence is taken but no copy stored.
+    fn append(
+        &mut self,
+        group: &mut Group,
+        topic: u32,
+        targets: &[Arc<SubState>],
+        header: MessageHeader<'_>,
+        envelope: &[u8],
+    ) -> u64 {
+        let next = self.next_seq.entry(topic).or_insert(1);
+        let seq = *next;
+        *next += 1;
+        group.put(&keys::next_seq(topic), &(seq + 1).to_be_bytes());
+        if !targets.is_empty() {
+            group.put(
+                &keys::message(topic, seq),
+                &StoredMessage::encode_value(header, envelope),
+            );
+            let empty = Pending::default().encode();
+            for sub in targets {
+                group.put(&keys::pending(sub.id, seq), &empty);
+                group.delta(sub, 1, 0);
+                group.woken.insert(sub.id, sub.clone());
+            }
+            if header.expires_ms != 0 {
+                group.put(&keys::expiry(header.expires_ms, topic, seq), &[]);
+            }
+        }
+        group.committed.insert(topic, seq);
+        seq
+    }
+
+    /// Tells the sender of a dead-lettered or expired message, on its report
+    /// topic, in the same batch as the dead letter.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &mut self,
+        group: &mut Group,
+        message: &StoredMessage,
+        topic: &TopicState,
+        sub: &SubState,
+        owner: &str,
+        reason: DeadReason,
+        attempts: u32,
+        now: u64,
+    ) {
+        use prost::Message;
+        let Ok(original) = crate::proto::Envelope::decode(message.envelope.clone()) else {
+            return; // unreadable: nobody to tell
+        };
+        let Some((report_topic, report_sub)) = self.reports.get(&original.sender).cloned() else {
+            return;
+        };
+        if report_topic.id == topic.id {
+            return; // never report on reports
+        }
+        let time = crate::broker::timestamp_from_ms(now);
+        let report = crate::proto::DeliveryReport {
+            message_id: message.message_id.clone(),
+            message_type: message.message_type.clone(),
+            sequence: message.seq,
+            topic: topic.name.clone(),
+            subscription: sub.name.clone(),
+            owner_agency: owner.to_string(),
+            reason: reason.as_str().to_string(),
+            attempts,
+            time: Some(time),
+        };
+        let payload = report.encode_to_vec();
+        let message_id = format!("report:{}:{}:{}", topic.name, message.seq, sub.name);
+        let envelope = crate::proto::Envelope {
+            message_id: message_id.clone(),
+            message_type: REPORT_TYPE.into(),
+            payload: payload.clone(),
+            correlation_id: original.correlation_id,
+            causation_id: message.message_id.clone(),
+            created_at: Some(time),
+            marking: crate::proto::Marking::Official as i32,
+            sender: REPORT_SENDER.into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let digest = audit::payload_digest(&payload);
+        let header = MessageHeader {
+            publish_ms: now,
+            expires_ms: now.saturating_add(REPORT_RETENTION_MS),
+            digest: &digest,
+            message_id: &message_id,
+            message_type: REPORT_TYPE,
+        };
+        let seq = self.append(group, report_topic.id, &[report_sub], header, &envelope);
+        let mut event = AuditEvent::new(EventKind::Publish, REPORT_SENDER);
+        event.topic = report_topic.name.clone();
+        event.message_id = message_id;
+        event.message_type = REPORT_TYPE.into();
+        event.digest = Some(digest);
+        event.sequence = seq;
+        event.reason = format!("delivery report for {}", message.message_id);
+        self.record(group, &event, now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -333,6 +419,8 @@ impl Writer {
                 };
                 group.put(&keys::dead(sub.id, seq), &dead.encode());
                 group.delta(sub, -1, 1);
+                let owner = event.agency.clone();
+                self.report(group, message, topic, sub, &owner, reason, attempts, now);
             }
         }
         self.release(group, sub.id, topic, seq, Some(message.expires_ms))
@@ -592,6 +680,11 @@ fn apply_delta(value: u64, delta: i64) -> u64 {
         result.unwrap_or(0)
     }
 }
+
+/// The type, sender and lifetime of delivery reports.
+const REPORT_TYPE: &str = "joinery.v1.DeliveryReport";
+const REPORT_SENDER: &str = "joinery";
+const REPORT_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 
 fn publish_event(p: &super::PublishOp, kind: EventKind, seq: u64) -> AuditEvent {
     let mut event = AuditEvent::new(kind, p.sender.clone());

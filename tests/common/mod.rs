@@ -139,6 +139,9 @@ key = "{pki}/server.key"
 
 [schemas]
 dirs = ["{schemas}"]
+
+[metrics]
+listen = "127.0.0.1:0"
 {body}
 "#,
         data = root.join("data").display(),
@@ -480,6 +483,7 @@ pub fn open_store(data_dir: &Path, config: &Config) -> joinery::storage::Store {
             dedup_window: Duration::from_secs(3600),
             max_batch: 64,
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
+            reports: Vec::new(),
         },
         &topics,
         &subs,
