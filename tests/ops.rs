@@ -206,6 +206,18 @@ async fn metrics_match_a_scripted_workload_and_readyz_turns_unready_on_shutdown(
     );
     assert!(sample(&metrics, m::STORAGE_BYTES, &[]).is_some_and(|b| b > 0.0));
     assert!(metrics.contains("# HELP joinery_messages_published_total"));
+    // Certificate expiry: the server's and the CA's, in the future.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for certificate in ["server", "ca:joinery test CA"] {
+        let expiry = sample(&metrics, m::CERT_EXPIRY, &[("certificate", certificate)]);
+        assert!(
+            expiry.is_some_and(|at| at > now),
+            "{certificate}: {expiry:?}\n{metrics}"
+        );
+    }
 
     // Health and readiness.
     assert_eq!(get(ops.ops, "/healthz").await.map(|r| r.0), Some(200));

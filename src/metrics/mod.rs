@@ -174,7 +174,17 @@ pub async fn sample(
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let certificate = cert_expiry(&broker.config().tls.cert);
+    let tls = &broker.config().tls;
+    let mut certificates: Vec<(String, i64)> = cert_expiries(&tls.cert)
+        .into_iter()
+        .take(1)
+        .map(|(_, at)| ("server".to_string(), at))
+        .collect();
+    certificates.extend(
+        cert_expiries(&tls.ca)
+            .into_iter()
+            .map(|(name, at)| (format!("ca:{name}"), at)),
+    );
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -195,18 +205,33 @@ pub async fn sample(
         if let Ok(bytes) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
             gauge!(STORAGE_BYTES).set(bytes as f64);
         }
-        if let Some(expiry) = certificate {
-            gauge!(CERT_EXPIRY, "certificate" => "server").set(expiry as f64);
+        for (name, expiry) in &certificates {
+            gauge!(CERT_EXPIRY, "certificate" => name.clone()).set(*expiry as f64);
         }
     }
 }
 
-/// The server certificate's not-after time, in Unix seconds.
-fn cert_expiry(path: &std::path::Path) -> Option<i64> {
-    let pem = std::fs::read(path).ok()?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice()).next()?.ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    Some(cert.validity().not_after.timestamp())
+/// (subject common name, not-after in Unix seconds) of every certificate in
+/// a PEM file. Read at start-up: a reload that replaces the files shows at
+/// the next restart of the sampler (the broker's).
+fn cert_expiries(path: &std::path::Path) -> Vec<(String, i64)> {
+    let Ok(pem) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    rustls_pemfile::certs(&mut pem.as_slice())
+        .filter_map(Result::ok)
+        .filter_map(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            let name = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .unwrap_or("unnamed")
+                .to_string();
+            Some((name, cert.validity().not_after.timestamp()))
+        })
+        .collect()
 }
 
 /// Shared flags the HTTP endpoints report.

@@ -84,6 +84,8 @@ impl Group {
 }
 
 impl Writer {
+    // Called once, from Store::open, with everything the thread owns.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         db: sled::Db,
         dir: &Path,
