@@ -181,6 +181,9 @@ pub struct Snapshot {
     pool: DescriptorPool,
     validator: prost_protovalidate::Validator,
     rules: rules::JoineryRules,
+    /// CEL rule id → the message its .proto declares (the evaluator leaves
+    /// message-level rule violations without one).
+    cel_messages: std::collections::HashMap<String, String>,
     packages: BTreeMap<String, PackageInfo>,
     /// Files of each source, for rebuilding.
     standard: Vec<FileBytes>,
@@ -191,6 +194,9 @@ pub struct Snapshot {
 /// The registry: a snapshot behind a lock, swapped on registration.
 pub struct Registry {
     current: RwLock<Arc<Snapshot>>,
+    /// Held from `prepare` to `commit`: registrations one at a time, so one
+    /// never builds on a snapshot another is about to replace.
+    pub registering: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -211,6 +217,7 @@ impl Registry {
         let snapshot = build(standard, config, registered)?;
         Ok(Registry {
             current: RwLock::new(Arc::new(snapshot)),
+            registering: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -325,10 +332,21 @@ impl Snapshot {
         match self.validator.validate(message) {
             Ok(()) => {}
             Err(prost_protovalidate::Error::Validation(e)) => {
-                violations.extend(e.violations().iter().map(|v| FieldViolation {
-                    field: v.field_path(),
-                    rule: v.rule_id().to_string(),
-                    message: v.message().to_string(),
+                violations.extend(e.violations().iter().map(|v| {
+                    let rule = v.rule_id().to_string();
+                    let message = match v.message() {
+                        "" => self
+                            .cel_messages
+                            .get(&rule)
+                            .cloned()
+                            .unwrap_or_else(|| format!("breaks rule {rule}")),
+                        m => m.to_string(),
+                    };
+                    FieldViolation {
+                        field: v.field_path(),
+                        rule,
+                        message,
+                    }
                 }))
             }
             Err(e) => {
@@ -440,27 +458,54 @@ fn build(
         pool.decode_file_descriptor_proto(bytes)
             .map_err(|e| SchemaError::Compile(format!("{name}: {e}")))
     };
+    // Every file to add, then added in dependency order (a registered
+    // package may replace one the standard library's files import, or import
+    // another registered package).
+    let mut todo: Vec<(String, String, Vec<u8>, Source, u32, Vec<String>)> = Vec::new();
     for (files, source) in [(&standard, Source::Standard), (&config, Source::Config)] {
         for file in files
             .iter()
             .filter(|f| !registered.contains_key(&f.package))
         {
-            add(&mut pool, &file.package, &file.name, &file.bytes, source, 0)?;
+            let proto = FileDescriptorProto::decode(file.bytes.as_slice())
+                .map_err(|e| SchemaError::Compile(format!("{}: {e}", file.name)))?;
+            todo.push((
+                file.package.clone(),
+                file.name.clone(),
+                file.bytes.clone(),
+                source,
+                0,
+                proto.dependency,
+            ));
         }
     }
     for stored in registered.values() {
         for bytes in &stored.files {
             let proto = FileDescriptorProto::decode(bytes.as_slice())
                 .map_err(|_| SchemaError::Stored(stored.package.clone()))?;
-            add(
-                &mut pool,
-                &stored.package,
-                proto.name(),
-                bytes,
+            todo.push((
+                stored.package.clone(),
+                proto.name().to_string(),
+                bytes.clone(),
                 Source::Registered,
                 stored.revision,
-            )?;
+                proto.dependency,
+            ));
         }
+    }
+    while !todo.is_empty() {
+        let ready = todo.iter().position(|(_, _, _, _, _, deps)| {
+            deps.iter().all(|d| pool.get_file_by_name(d).is_some())
+        });
+        let Some(i) = ready else {
+            let names: Vec<&str> = todo.iter().map(|t| t.1.as_str()).collect();
+            return Err(SchemaError::Compile(format!(
+                "imports that no known file provides, or an import cycle, among: {}",
+                names.join(", ")
+            )));
+        };
+        let (package, name, bytes, source, revision, _) = todo.remove(i);
+        add(&mut pool, &package, &name, &bytes, source, revision)?;
     }
     for message in pool.all_messages() {
         if let Some(info) = packages.get_mut(message.package_name()) {
@@ -470,10 +515,12 @@ fn build(
     packages.retain(|name, _| !INFRASTRUCTURE.contains(&name.as_str()));
     let validator = prost_protovalidate::Validator::new();
     let rules = rules::JoineryRules::new(&pool);
+    let cel_messages = rules::cel_messages(&pool);
     Ok(Snapshot {
         pool,
         validator,
         rules,
+        cel_messages,
         packages,
         standard,
         config,

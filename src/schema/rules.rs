@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor,
-    ReflectMessage, Value,
+    DescriptorPool, DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, ReflectMessage,
+    Value,
 };
 
 use super::FieldViolation;
@@ -32,36 +32,41 @@ impl JoineryRules {
                 }
             }
         }
-        let mut rules = JoineryRules {
-            nhs_fields,
-            relevant: HashMap::new(),
-        };
-        for message in pool.all_messages() {
-            rules.mark(&message, &mut Vec::new());
-        }
-        rules
-    }
-
-    /// Whether `message` or anything it contains has rules (memoised; cycles
-    /// count as "no" until proven otherwise).
-    fn mark(&mut self, message: &MessageDescriptor, stack: &mut Vec<String>) -> bool {
-        let name = message.full_name().to_string();
-        if let Some(known) = self.relevant.get(&name) {
-            return *known;
-        }
-        if stack.contains(&name) {
-            return false;
-        }
-        stack.push(name.clone());
-        let mut relevant = self.nhs_fields.contains_key(&name);
-        for field in message.fields() {
-            if let Kind::Message(inner) = field.kind() {
-                relevant |= self.mark(&inner, stack);
+        // A message is relevant if it has rule fields or contains a relevant
+        // message, however deep and through cycles: iterate to a fixpoint.
+        let mut relevant: HashMap<String, bool> = pool
+            .all_messages()
+            .map(|m| {
+                let name = m.full_name().to_string();
+                let has = nhs_fields.contains_key(&name);
+                (name, has)
+            })
+            .collect();
+        loop {
+            let mut changed = false;
+            for message in pool.all_messages() {
+                if relevant.get(message.full_name()).copied().unwrap_or(false) {
+                    continue;
+                }
+                let contains = message.fields().any(|f| match f.kind() {
+                    Kind::Message(inner) => {
+                        relevant.get(inner.full_name()).copied().unwrap_or(false)
+                    }
+                    _ => false,
+                });
+                if contains {
+                    relevant.insert(message.full_name().to_string(), true);
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
             }
         }
-        stack.pop();
-        self.relevant.insert(name, relevant);
-        relevant
+        JoineryRules {
+            nhs_fields,
+            relevant,
+        }
     }
 
     /// Appends a violation for every broken rule in `message` (at `path`).
@@ -201,4 +206,50 @@ mod tests {
             "spaces are not stripped"
         );
     }
+}
+
+/// CEL rule id → message, from every `(buf.validate.message).cel` and
+/// `(buf.validate.field).cel` rule in the pool.
+pub(super) fn cel_messages(pool: &DescriptorPool) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut collect = |rules: &Value| {
+        let Value::Message(rules) = rules else { return };
+        let Some(cel) = rules.get_field_by_name("cel") else {
+            return;
+        };
+        let Value::List(items) = cel.as_ref() else {
+            return;
+        };
+        for item in items {
+            let Value::Message(rule) = item else { continue };
+            let text = |name: &str| {
+                rule.get_field_by_name(name)
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            };
+            let (id, message) = (text("id"), text("message"));
+            if !id.is_empty() && !message.is_empty() {
+                out.insert(id, message);
+            }
+        }
+    };
+    if let Some(ext) = pool.get_extension_by_name("buf.validate.message") {
+        for message in pool.all_messages() {
+            let options = message.options();
+            if options.has_extension(&ext) {
+                collect(options.get_extension(&ext).as_ref());
+            }
+        }
+    }
+    if let Some(ext) = pool.get_extension_by_name("buf.validate.field") {
+        for message in pool.all_messages() {
+            for field in message.fields() {
+                let options = field.options();
+                if options.has_extension(&ext) {
+                    collect(options.get_extension(&ext).as_ref());
+                }
+            }
+        }
+    }
+    out
 }

@@ -139,7 +139,11 @@ impl schemas_server::Schemas for SchemasService {
             .map(|f| (f.path, f.content))
             .collect();
         let registry = self.broker.schemas().clone();
+        // One registration at a time, from prepare to commit.
+        let _registering = registry.registering.lock().await;
+        let preparing = registry.clone();
         let prepared = tokio::task::spawn_blocking(move || {
+            let registry = preparing;
             let prepared = registry.prepare(&files);
             (registry, prepared)
         })
