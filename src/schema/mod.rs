@@ -429,6 +429,10 @@ fn file_bytes(file: &prost_reflect::FileDescriptor) -> FileBytes {
     }
 }
 
+/// A file waiting to be added to a pool: package, name, bytes, source,
+/// revision, and the files it imports.
+type Pending = (String, String, Vec<u8>, Source, u32, Vec<String>);
+
 /// Builds a snapshot; a registered package replaces the same package of the
 /// standard library or the config directories.
 fn build(
@@ -461,7 +465,7 @@ fn build(
     // Every file to add, then added in dependency order (a registered
     // package may replace one the standard library's files import, or import
     // another registered package).
-    let mut todo: Vec<(String, String, Vec<u8>, Source, u32, Vec<String>)> = Vec::new();
+    let mut todo: Vec<Pending> = Vec::new();
     for (files, source) in [(&standard, Source::Standard), (&config, Source::Config)] {
         for file in files
             .iter()

@@ -189,25 +189,6 @@ pub fn is_valid_nhs_number(value: &str) -> bool {
     check == digits[9]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::is_valid_nhs_number;
-
-    #[test]
-    fn nhs_numbers_are_checked_with_modulus_11() {
-        assert!(is_valid_nhs_number("9434765919"));
-        assert!(is_valid_nhs_number("9434765870"));
-        assert!(!is_valid_nhs_number("9434765918"), "wrong check digit");
-        assert!(!is_valid_nhs_number("943476591"), "nine digits");
-        assert!(!is_valid_nhs_number("94347659190"), "eleven digits");
-        assert!(!is_valid_nhs_number("943476591a"));
-        assert!(
-            !is_valid_nhs_number("943 476 5919"),
-            "spaces are not stripped"
-        );
-    }
-}
-
 /// CEL rule id → message, from every `(buf.validate.message).cel` and
 /// `(buf.validate.field).cel` rule in the pool.
 pub(super) fn cel_messages(pool: &DescriptorPool) -> HashMap<String, String> {
@@ -252,4 +233,23 @@ pub(super) fn cel_messages(pool: &DescriptorPool) -> HashMap<String, String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_valid_nhs_number;
+
+    #[test]
+    fn nhs_numbers_are_checked_with_modulus_11() {
+        assert!(is_valid_nhs_number("9434765919"));
+        assert!(is_valid_nhs_number("9434765870"));
+        assert!(!is_valid_nhs_number("9434765918"), "wrong check digit");
+        assert!(!is_valid_nhs_number("943476591"), "nine digits");
+        assert!(!is_valid_nhs_number("94347659190"), "eleven digits");
+        assert!(!is_valid_nhs_number("943476591a"));
+        assert!(
+            !is_valid_nhs_number("943 476 5919"),
+            "spaces are not stripped"
+        );
+    }
 }
