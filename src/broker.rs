@@ -621,6 +621,29 @@ impl Broker {
         out
     }
 
+    /// Refuses `agency` unless its clearance covers the highest marking the
+    /// subscription's topic may carry.
+    pub fn check_clearance(&self, agency: &str, sub: &Subscription) -> Result<(), BrokerError> {
+        let config = &self.inner.config;
+        let clearance = config
+            .agency(agency)
+            .map(|a| a.clearance)
+            .unwrap_or_default();
+        let needed = config
+            .topic(&sub.info.topic_name)
+            .map(|t| t.max_marking)
+            .unwrap_or_default();
+        if clearance < needed {
+            return Err(BrokerError::InsufficientClearance {
+                agency: agency.to_string(),
+                subscription: sub.info.name.clone(),
+                clearance,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
     /// Refuses `caller` unless it is one of `broker.operators`.
     pub fn check_operator(&self, caller: &str) -> Result<(), BrokerError> {
         if auth::allowed(&self.inner.config.broker.operators, caller) {
@@ -671,23 +694,7 @@ impl Broker {
         }
         // Config validation already refuses this; checked again so a future
         // change there cannot let an under-cleared agency read.
-        let config = &self.inner.config;
-        let clearance = config
-            .agency(caller)
-            .map(|a| a.clearance)
-            .unwrap_or_default();
-        let needed = config
-            .topic(&sub.info.topic_name)
-            .map(|t| t.max_marking)
-            .unwrap_or_default();
-        if clearance < needed {
-            return Err(BrokerError::InsufficientClearance {
-                agency: caller.to_string(),
-                subscription: open.subscription.clone(),
-                clearance,
-                needed,
-            });
-        }
+        self.check_clearance(caller, sub)?;
         let b = &self.inner.config.broker;
         let max_in_flight = match open.max_in_flight {
             0 => b.default_in_flight,

@@ -215,24 +215,8 @@ pub async fn peek_messages(
     request: PeekMessagesRequest,
 ) -> Result<PeekMessagesResponse, BrokerError> {
     let sub = subscription(broker, &request.subscription)?;
-    let config = broker.config();
     if request.include_payload {
-        let clearance = config
-            .agency(operator)
-            .map(|a| a.clearance)
-            .unwrap_or_default();
-        let needed = config
-            .topic(&sub.info.topic_name)
-            .map(|t| t.max_marking)
-            .unwrap_or_default();
-        if clearance < needed {
-            return Err(BrokerError::InsufficientClearance {
-                agency: operator.to_string(),
-                subscription: sub.info.name.clone(),
-                clearance,
-                needed,
-            });
-        }
+        broker.check_clearance(operator, sub)?;
     }
     let limit = bounded(request.limit, DEFAULT_PEEK, MAX_PEEK);
     let (store, state, committed) = (
