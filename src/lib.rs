@@ -3,27 +3,30 @@
 //!
 //! # How a message flows
 //! 1. [`tls`] accepts a TCP connection, completes the mutual-TLS handshake in
-//!    its own task, and resolves the caller's agency from the client
-//!    certificate once per connection ([`tls::PeerInfo`]).
+//!    its own task (CRLs checked, reloadable), and resolves the caller's
+//!    agency from the client certificate once per connection
+//!    ([`tls::PeerInfo`]).
 //! 2. [`service`] (tonic) decodes a request with [`codec`], reads the caller
-//!    with [`auth`], and calls [`broker`].
+//!    with [`auth`], and calls [`broker`]; refusals are counted and audited.
 //! 3. [`broker`] checks the request against [`config`] (topic, publishers,
-//!    message type, recipients, size), completes the envelope (sender,
-//!    message id, creation time) and hands it to [`storage`].
+//!    marking, message type, recipients, size, limits), validates the payload
+//!    against its type and rules in [`schema`], completes the envelope
+//!    (sender, message id, creation time) and hands it to [`storage`].
 //! 4. [`storage`]'s writer thread groups concurrent publishes into one atomic
-//!    sled batch, flushes and fsyncs it, then answers every publish in the
-//!    group and wakes the subscriptions that received messages.
+//!    sled batch — with their [`audit`] records and any delivery reports —
+//!    flushes and fsyncs it, then answers every publish in the group and
+//!    wakes the subscriptions that received messages.
 //! 5. [`queue`] runs one dispatcher per subscription: it reads durable
 //!    pending messages in order and delivers them to consumers within their
 //!    flow-control limits, tracking ack deadlines, redelivery, nack delays,
 //!    dead letters and expiry.
 //!
+//! [`admin`] holds the operators' actions (dead letters, redrive, purge,
+//! peek); [`metrics`] the Prometheus names and the operations HTTP listener.
 //! [`run`] wires it together on a bound listener with a shutdown future, so
 //! an application or a test can embed a whole broker in a few lines.
 //! [`pki`] makes development and test certificates; [`shutdown`] carries the
-//! stop signal to every task. [`admin`] holds the operators' actions on
-//! subscriptions (dead letters, redrive, purge, peek) behind the Admin
-//! service, and their command line.
+//! stop signal to every task.
 
 pub mod admin;
 pub mod audit;
