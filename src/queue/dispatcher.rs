@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -478,16 +477,7 @@ impl Dispatcher {
         for (seq, pending, message) in rows {
             let Some(message) = message else {
                 error!(seq, "pending entry without its message; dropping the entry");
-                let placeholder = Arc::new(StoredMessage {
-                    topic: self.topic.id,
-                    seq,
-                    publish_ms: 0,
-                    expires_ms: 0,
-                    digest: [0; 32],
-                    message_id: String::new(),
-                    message_type: String::new(),
-                    envelope: Bytes::new(),
-                });
+                let placeholder = Arc::new(StoredMessage::placeholder(self.topic.id, seq));
                 let item = Item {
                     seq,
                     attempts: pending.attempts,

@@ -33,11 +33,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(String, String)>, SchemaError> {
 
 /// Style problems that do not stop compilation but make a schema hard to
 /// evolve: unversioned packages, files outside their package's folder.
-pub fn lint(files: &[(String, String)], registry: &Registry) -> Vec<String> {
+pub fn lint(registration: &super::Registration, next: &super::Snapshot) -> Vec<String> {
     let mut problems = Vec::new();
-    let Ok((registration, next)) = registry.prepare(files) else {
-        return problems;
-    };
     for package in &registration.packages {
         let version = package.rsplit('.').next().unwrap_or_default();
         let versioned = version.len() > 1
@@ -77,7 +74,7 @@ pub async fn check(
     let registry = Registry::load(&dirs, Vec::new())?;
     let mut ok = true;
     match registry.prepare(&files) {
-        Ok((registration, _)) => {
+        Ok((registration, next)) => {
             println!(
                 "compiled {} file(s): packages {}",
                 files.len(),
@@ -85,6 +82,9 @@ pub async fn check(
             );
             for message in &registration.message_types {
                 println!("  {message}");
+            }
+            for problem in lint(&registration, &next) {
+                println!("lint: {problem}");
             }
         }
         Err(SchemaError::Breaking(changes)) => {
@@ -101,9 +101,6 @@ pub async fn check(
             println!("does not compile: {e}");
             return Ok(false);
         }
-    }
-    for problem in lint(&files, &registry) {
-        println!("lint: {problem}");
     }
     if let Some(options) = broker {
         let channel = crate::client::connect_channel(options).await?;

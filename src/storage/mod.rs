@@ -875,16 +875,7 @@ mod tests {
         );
         // A second ack of the same message changes nothing.
         let sub = store.subscription("b").unwrap();
-        let gone = Arc::new(StoredMessage {
-            topic: topic.id,
-            seq,
-            publish_ms: 0,
-            expires_ms: 0,
-            digest: [0; 32],
-            message_id: String::new(),
-            message_type: String::new(),
-            envelope: bytes::Bytes::new(),
-        });
+        let gone = Arc::new(StoredMessage::placeholder(topic.id, seq));
         store
             .settle(
                 sub.clone(),

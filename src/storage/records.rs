@@ -84,6 +84,21 @@ impl StoredMessage {
         })
     }
 
+    /// Stands in for a message whose topic copy is gone, so its pending
+    /// entry can still be settled.
+    pub fn placeholder(topic: u32, seq: u64) -> Self {
+        Self {
+            topic,
+            seq,
+            publish_ms: 0,
+            expires_ms: 0,
+            digest: [0; 32],
+            message_id: String::new(),
+            message_type: String::new(),
+            envelope: Bytes::new(),
+        }
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_ms != 0 && now_ms >= self.expires_ms
     }
