@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
         "proto/joinery/v1/broker.proto",
         "proto/joinery/v1/admin.proto",
         "proto/joinery/v1/schemas.proto",
+        "proto/joinery/v1/bench.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     std::fs::write(
@@ -29,6 +30,8 @@ fn main() -> anyhow::Result<()> {
         "joinery/rules/v1/rules.proto".to_string(),
         // For the broker's own messages (delivery reports).
         "joinery/v1/broker.proto".to_string(),
+        // For `joinery bench` load runs.
+        "joinery/v1/bench.proto".to_string(),
     ];
     collect_protos(Path::new("proto"), Path::new("proto/interop"), &mut library)?;
     library.sort();

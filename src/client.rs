@@ -50,8 +50,25 @@ fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
     })
 }
 
-/// Opens a mutual-TLS channel to the broker.
+/// Opens a mutual-TLS channel to the broker. An `http://` address opens a
+/// plaintext channel instead, for a broker serving loopback-only plaintext
+/// (`[tls] insecure_plaintext_agency`, for measuring what TLS costs).
 pub async fn connect_channel(options: &ClientOptions) -> Result<Channel, ClientError> {
+    let address_error = |source| ClientError::Address {
+        addr: options.addr.clone(),
+        source,
+    };
+    let connect_error = |source| ClientError::Connect {
+        addr: options.addr.clone(),
+        source,
+    };
+    if options.addr.starts_with("http://") {
+        return Endpoint::from_shared(options.addr.clone())
+            .map_err(address_error)?
+            .connect()
+            .await
+            .map_err(connect_error);
+    }
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&options.ca)?))
         .identity(Identity::from_pem(
@@ -61,21 +78,11 @@ pub async fn connect_channel(options: &ClientOptions) -> Result<Channel, ClientE
     if let Some(name) = &options.server_name {
         tls = tls.domain_name(name.clone());
     }
-    let address_error = |source| ClientError::Address {
-        addr: options.addr.clone(),
-        source,
-    };
     let endpoint = Endpoint::from_shared(options.addr.clone())
         .map_err(address_error)?
         .tls_config(tls)
         .map_err(address_error)?;
-    endpoint
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: options.addr.clone(),
-            source,
-        })
+    endpoint.connect().await.map_err(connect_error)
 }
 
 /// A `joinery.v1.Broker` client over mutual TLS.

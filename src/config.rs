@@ -21,7 +21,9 @@
 //! validation: agency ids, topic names and subscription names are well formed and
 //! unique, every subscription refers to a configured topic and owner that the topic
 //! allows to subscribe, every publisher and subscriber entry names or matches a
-//! configured agency, and every broker limit is within its range. Loading never stops
+//! configured agency, every broker limit is within its range, and
+//! `tls.insecure_plaintext_agency` (plaintext, for measuring TLS cost) names a
+//! configured agency and comes with a loopback `broker.listen`. Loading never stops
 //! at the first problem: [`ConfigErrors`] carries every problem found, so an operator
 //! fixes a file in one pass. Nothing here panics on bad input.
 
@@ -307,6 +309,10 @@ pub struct TlsConfig {
     /// changes (they also reload on SIGHUP).
     #[serde(with = "duration")]
     pub reload_interval: Duration,
+    /// Serve plaintext HTTP/2 without TLS, every connection acting as this
+    /// agency, to measure what TLS costs. Refused unless `broker.listen` is a
+    /// loopback address; never for anything but that measurement.
+    pub insecure_plaintext_agency: Option<String>,
 }
 
 impl Default for TlsConfig {
@@ -319,6 +325,7 @@ impl Default for TlsConfig {
             crl: Vec::new(),
             max_connection_age: Duration::from_secs(3600),
             reload_interval: Duration::from_secs(5),
+            insecure_plaintext_agency: None,
         }
     }
 }
@@ -539,7 +546,7 @@ mod optional_duration {
 /// becomes the TOML value the key expects.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    /// Strings: addresses, paths and humantime durations.
+    /// Strings: addresses, paths, humantime durations and agency ids.
     Text,
     Integer,
     Bool,
@@ -569,6 +576,7 @@ const OVERRIDABLE: &[(&str, &str, Kind)] = &[
     ("tls", "dev_pki", Kind::Bool),
     ("tls", "max_connection_age", Kind::Text),
     ("tls", "reload_interval", Kind::Text),
+    ("tls", "insecure_plaintext_agency", Kind::Text),
     ("metrics", "enabled", Kind::Bool),
     ("metrics", "listen", Kind::Text),
 ];
@@ -856,6 +864,21 @@ impl Config {
         }
         if tls.reload_interval < ONE_SECOND {
             problems.push("tls.reload_interval must be at least 1s".to_owned());
+        }
+        if let Some(agency) = &tls.insecure_plaintext_agency {
+            let listen = self.broker.listen;
+            if !crate::tls::is_loopback(listen.ip()) {
+                problems.push(format!(
+                    "tls.insecure_plaintext_agency serves plaintext without TLS, for measuring \
+                     TLS cost only, and only on loopback: broker.listen must be a loopback \
+                     address (127.0.0.0/8 or ::1), got {listen}"
+                ));
+            }
+            if self.agency(agency).is_none() {
+                problems.push(format!(
+                    "tls.insecure_plaintext_agency: {agency:?} is not a configured agency"
+                ));
+            }
         }
     }
 
@@ -1226,12 +1249,23 @@ mod tests {
             .collect();
         let mut overridable: Vec<(String, String)> = OVERRIDABLE
             .iter()
+            .filter(|(s, k, _)| !COMMENTED_OUT_IN_EXAMPLE.contains(&(*s, *k)))
             .map(|(s, k, _)| ((*s).to_owned(), (*k).to_owned()))
             .collect();
         in_example.sort();
         overridable.sort();
         assert_eq!(in_example, overridable);
+        for (section, key) in COMMENTED_OUT_IN_EXAMPLE {
+            assert!(
+                EXAMPLE_CONFIG.contains(&format!("\n# {key} = ")),
+                "{section}.{key} is documented, commented out, in the example"
+            );
+        }
     }
+
+    /// Overridable keys the example documents only in a comment, because
+    /// setting them changes what the broker is (plaintext measurement mode).
+    const COMMENTED_OUT_IN_EXAMPLE: &[(&str, &str)] = &[("tls", "insecure_plaintext_agency")];
 
     #[test]
     fn empty_file_uses_broker_defaults_but_requires_tls_paths() {
@@ -1359,6 +1393,7 @@ mod tests {
             .map(|(section, key, kind)| {
                 let value = match (key, kind) {
                     (&"listen", _) => "127.0.0.1:1",
+                    (&"insecure_plaintext_agency", _) => "leeds-council",
                     (_, Kind::Text) if key.ends_with("_window") => "2h",
                     (
                         &"handshake_timeout"
@@ -1381,6 +1416,96 @@ mod tests {
         assert_eq!(config.broker.max_batch, 50);
         assert_eq!(config.broker.shutdown_grace, Duration::from_secs(5));
         assert_eq!(config.tls.key, Path::new("some/path"));
+        assert_eq!(
+            config.tls.insecure_plaintext_agency.as_deref(),
+            Some("leeds-council")
+        );
+    }
+
+    #[test]
+    fn plaintext_agency_is_none_by_default() {
+        let config = Config::load_str(BASE, no_env()).expect("config");
+        assert_eq!(config.tls.insecure_plaintext_agency, None);
+        let config = Config::load_str(DEFAULT_CONFIG, no_env()).expect("default config");
+        assert_eq!(config.tls.insecure_plaintext_agency, None);
+    }
+
+    #[test]
+    fn plaintext_agency_is_accepted_on_loopback_addresses() {
+        for listen in [
+            "127.0.0.1:7443",
+            "127.0.0.2:0",
+            "[::1]:7443",
+            "[::ffff:127.0.0.1]:7443",
+        ] {
+            let config = Config::load_str(
+                BASE,
+                env(&[
+                    ("JOINERY_BROKER_LISTEN", listen),
+                    ("JOINERY_TLS_INSECURE_PLAINTEXT_AGENCY", "leeds-council"),
+                ]),
+            )
+            .unwrap_or_else(|e| panic!("{listen}: {e}"));
+            assert_eq!(
+                config.tls.insecure_plaintext_agency.as_deref(),
+                Some("leeds-council")
+            );
+        }
+    }
+
+    #[test]
+    fn plaintext_agency_is_refused_unless_listen_is_loopback() {
+        for listen in [
+            "0.0.0.0:7443",
+            "[::]:7443",
+            "192.0.2.10:7443",
+            "[2001:db8::1]:7443",
+        ] {
+            let text = BASE.replace(
+                "[tls]\n",
+                &format!(
+                    "[broker]\n        listen = \"{listen}\"\n        [tls]\n        \
+                     insecure_plaintext_agency = \"leeds-council\"\n"
+                ),
+            );
+            assert_eq!(
+                load_errors(&text),
+                [format!(
+                    "tls.insecure_plaintext_agency serves plaintext without TLS, for measuring \
+                     TLS cost only, and only on loopback: broker.listen must be a loopback \
+                     address (127.0.0.0/8 or ::1), got {listen}"
+                )],
+                "{listen}"
+            );
+        }
+    }
+
+    #[test]
+    fn plaintext_agency_must_be_a_configured_agency() {
+        let text = BASE.replace(
+            "[tls]\n",
+            "[tls]\n        insecure_plaintext_agency = \"nobody\"\n",
+        );
+        assert_eq!(
+            load_errors(&text),
+            ["tls.insecure_plaintext_agency: \"nobody\" is not a configured agency"]
+        );
+    }
+
+    #[test]
+    fn env_override_to_a_public_address_refuses_plaintext_mode() {
+        let text = BASE.replace(
+            "[tls]\n",
+            "[tls]\n        insecure_plaintext_agency = \"leeds-council\"\n",
+        );
+        Config::load_str(&text, no_env()).expect("loopback default listen is accepted");
+        let err = Config::load_str(&text, env(&[("JOINERY_BROKER_LISTEN", "0.0.0.0:7443")]))
+            .expect_err("refused");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].contains("for measuring TLS cost only, and only on loopback"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! 1. [`tls`] accepts a TCP connection, completes the mutual-TLS handshake in
 //!    its own task (CRLs checked, reloadable), and resolves the caller's
 //!    agency from the client certificate once per connection
-//!    ([`tls::PeerInfo`]).
+//!    ([`tls::PeerInfo`]). The only exception, `[tls] insecure_plaintext_agency`,
+//!    serves plaintext on a loopback listener, every connection acting as that
+//!    agency, to measure what TLS costs.
 //! 2. [`service`] (tonic) decodes a request with [`codec`], reads the caller
 //!    with [`auth`], and calls [`broker`]; refusals are counted and audited.
 //! 3. [`broker`] checks the request against [`config`] (topic, publishers,
@@ -31,6 +33,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod codec;
@@ -68,7 +71,7 @@ use crate::proto::broker_server::BrokerServer;
 pub enum RunError {
     #[error("could not start the broker")]
     Start(#[from] broker::StartError),
-    #[error("could not set up TLS")]
+    #[error("could not set up TLS (or the plaintext measurement mode)")]
     Tls(#[from] tls::TlsError),
     #[error("could not build the reflection service: {0}")]
     Reflection(String),
@@ -110,31 +113,32 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let stop = shutdown::Shutdown::new();
     let readiness: metrics::SharedReadiness = Arc::default();
-    let tls_state = tls::TlsState::load(&config.tls)?;
-    let identities = Arc::new(tls::IdentityResolver::from_config(&config)?);
+    // Mutual TLS; or, with `[tls] insecure_plaintext_agency`, plaintext for
+    // measuring what TLS costs, refused here too unless the listener is
+    // loopback.
+    let acceptor = tls::Acceptor::from_config(&config, listener)?;
     let (broker, tasks) = broker::Broker::start(config.clone(), stop.subscribe()).await?;
 
     // Reloads on SIGHUP and file changes, each one audited.
-    let audit_store = broker.store().clone();
-    let on_tls_reload: tls::OnReload = Arc::new(move |outcome: Result<(), String>| {
-        let mut event = audit::AuditEvent::new(audit::EventKind::ConfigReload, "broker");
-        event.reason = match outcome {
-            Ok(()) => "tls reloaded".to_string(),
-            Err(e) => format!("tls reload failed, previous configuration kept: {e}"),
-        };
-        audit_store.audit_now(event);
+    let _tls_reloader = acceptor.tls_state().map(|tls_state| {
+        let audit_store = broker.store().clone();
+        let on_tls_reload: tls::OnReload = Arc::new(move |outcome: Result<(), String>| {
+            let mut event = audit::AuditEvent::new(audit::EventKind::ConfigReload, "broker");
+            event.reason = match outcome {
+                Ok(()) => "tls reloaded".to_string(),
+                Err(e) => format!("tls reload failed, previous configuration kept: {e}"),
+            };
+            audit_store.audit_now(event);
+        });
+        tls::spawn_reloader(
+            tls_state.clone(),
+            config.tls.reload_interval,
+            on_tls_reload,
+            stop.subscribe(),
+        )
     });
-    let _tls_reloader = tls::spawn_reloader(
-        tls_state.clone(),
-        config.tls.reload_interval,
-        on_tls_reload,
-        stop.subscribe(),
-    );
     let b = &config.broker;
-    let incoming = tls::tls_incoming(
-        listener,
-        tls_state,
-        identities,
+    let incoming = acceptor.incoming(
         tls::AcceptorSettings {
             max_connections: b.max_connections,
             handshake_timeout: b.handshake_timeout,

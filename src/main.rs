@@ -16,6 +16,12 @@ use joinery::client::ClientOptions;
 use joinery::config::Config;
 use joinery::proto::{subscribe_request, Envelope, PublishRequest, SubscribeRequest};
 
+/// sled rewrites tree nodes copy-on-write, so the writer thread allocates and
+/// frees heavily; under glibc's malloc a third of its time went to the
+/// allocator (perf, `joinery bench pub 100000 1024 window=256`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for invalid configuration (EX_USAGE-adjacent: sysexits EX_USAGE is 64).
 const EXIT_CONFIG: u8 = 64;
 
@@ -47,6 +53,8 @@ enum Command {
     Publish(PublishArgs),
     /// Consume a subscription, printing each delivery and acking it.
     Subscribe(SubscribeArgs),
+    /// Load generator: publish, consume or latency runs printing peerbench's JSON line.
+    Bench(BenchArgs),
     /// Certificates: create a CA, issue agency and server certificates, revoke them.
     Pki {
         #[command(subcommand)]
@@ -232,6 +240,27 @@ struct PublishArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// pub (window=W publishes awaiting acks), consume (prefill, then timed
+    /// consume with prefetch=P) or lat (rate=R msg/s publisher + consumer).
+    mode: joinery::bench::Mode,
+    /// Messages to publish (and consume).
+    count: usize,
+    /// Payload bytes per message (at least 16).
+    size: usize,
+    /// window=W (default 1), prefetch=P (256), rate=R (1000), max_secs=S (120).
+    options: Vec<String>,
+    /// Topic to publish to (the embedded default config's load topic).
+    #[arg(long, default_value = "bench.load")]
+    topic: String,
+    /// Subscription to consume; purged at the start of every run.
+    #[arg(long, default_value = "council-demo.bench")]
+    subscription: String,
+}
+
+#[derive(Args)]
 struct SubscribeArgs {
     #[command(flatten)]
     conn: Connection,
@@ -288,6 +317,7 @@ fn main() -> ExitCode {
         }
         Command::Publish(args) => runtime.block_on(publish(args)),
         Command::Subscribe(args) => runtime.block_on(subscribe(args)),
+        Command::Bench(args) => return runtime.block_on(bench(args)),
         Command::Pki { command } => joinery::pki::cli::run(command).map_err(anyhow::Error::from),
         Command::Schema { command } => match runtime.block_on(schema(command)) {
             Ok(true) => Ok(()),
@@ -574,6 +604,50 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         pct(0.99)
     );
     Ok(())
+}
+
+/// One load run: its JSON line on stdout (also on failure, with `error`),
+/// bounded by a watchdog at max_secs + 30 s as the peers' client is.
+async fn bench(args: BenchArgs) -> ExitCode {
+    use joinery::bench::BenchSpec;
+    let spec = match BenchSpec::new(
+        args.mode,
+        args.count,
+        args.size,
+        &args.options,
+        args.topic.clone(),
+        args.subscription.clone(),
+    ) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let hard_limit = Duration::from_secs(spec.max_secs.saturating_add(30));
+    let watchdog_line = spec.error_line("watchdog: hard time limit");
+    std::thread::spawn(move || {
+        std::thread::sleep(hard_limit);
+        println!("{watchdog_line}");
+        std::process::exit(3);
+    });
+    match joinery::bench::run(&spec, &args.conn.options("council-demo")).await {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("error: {text}");
+            println!("{}", spec.error_line(&text));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {

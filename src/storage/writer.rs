@@ -1,15 +1,15 @@
 //! The writer thread: applies [`Op`]s in arrival order, one atomic
-//! `sled::Batch` and one flush + fsync per group (group commit).
+//! `sled::Batch` per group; the [`flusher`] thread makes each group durable
+//! (one flush + fsync for every group waiting) and only then answers it
+//! (group commit, pipelined: the next group is built while one is flushed).
 //!
 //! Reads it makes while building a batch (dedup lookups, "does another
 //! subscription still hold this message?") go through an overlay of the keys
 //! already written in the same batch, so a batch sees its own writes.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
@@ -21,7 +21,10 @@ use super::{
 };
 use crate::audit::{self, AuditEvent, Chain, EventKind};
 
+mod flusher;
 mod operator;
+
+use flusher::{Applied, Failure, Flusher};
 
 /// Most expired messages or dedup entries handled per sweep (the rest wait
 /// for the next tick).
@@ -29,14 +32,18 @@ const SWEEP_LIMIT: usize = 10_000;
 
 pub(super) struct Writer {
     db: sled::Db,
-    dir: PathBuf,
-    db_file: std::fs::File,
     rx: mpsc::Receiver<Op>,
     options: StoreOptions,
     topics: HashMap<u32, Arc<TopicState>>,
     next_seq: HashMap<u32, u64>,
-    stats: Arc<FlushStats>,
-    synced_blobs: HashSet<std::ffi::OsString>,
+    /// Applied groups on their way to the flusher (None once stopped).
+    durable: Option<std::sync::mpsc::SyncSender<Applied>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+    /// A failed flush, seen by the writer at its next group.
+    failure: Failure,
+    /// Depth and dead-letter counts as of the groups applied so far; a
+    /// subscription's own counters move only once a group is durable.
+    applied: HashMap<u32, (u64, u64)>,
     /// Expiry index entries before this instant have been swept.
     swept_until_ms: u64,
     /// Set once a write failed: sled's errors are sticky, so refuse early.
@@ -102,16 +109,35 @@ impl Writer {
             source,
         })?;
         let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
-        Ok(Self {
-            db,
+        let failure = Failure::default();
+        let flusher = Flusher {
+            db: db.clone(),
             dir: dir.to_path_buf(),
             db_file,
+            stats,
+            failed: failure.clone(),
+            synced_blobs: HashSet::new(),
+        };
+        // Room for one group being flushed and one more waiting: beyond that
+        // the writer waits, and ops pile up into bigger groups meanwhile.
+        let (durable, applied_rx) = std::sync::mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
+            .name("joinery-flusher".into())
+            .spawn(move || flusher.run(applied_rx))
+            .map_err(|source| StorageError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            db,
             rx,
             options,
             topics: topics.into_iter().map(|t| (t.id, t)).collect(),
             next_seq,
-            stats,
-            synced_blobs: HashSet::new(),
+            durable: Some(durable),
+            flusher: Some(handle),
+            failure,
+            applied: HashMap::new(),
             swept_until_ms: 0,
             failed: None,
             audit,
@@ -138,6 +164,13 @@ impl Writer {
                 break;
             }
         }
+        // Every applied group answered before the final flush.
+        self.durable = None;
+        if let Some(flusher) = self.flusher.take() {
+            if flusher.join().is_err() {
+                error!("the flusher thread panicked");
+            }
+        }
         if let Err(e) = self.db.flush() {
             error!(cause = %e, "final flush failed");
         }
@@ -145,6 +178,9 @@ impl Writer {
 
     /// Applies `ops` as one group; returns true when told to stop.
     fn commit(&mut self, ops: &mut Vec<Op>) -> bool {
+        if self.failed.is_none() {
+            self.failed = flusher::failure_of(&self.failure);
+        }
         let now = now_ms();
         let mut group = Group::default();
         let mut stop = false;
@@ -545,7 +581,16 @@ impl Writer {
         Ok(())
     }
 
-    /// Applies the batch, flushes, fsyncs, then answers and wakes.
+    /// Depth and dead letters of `sub` as of the groups applied so far.
+    fn counts(&self, sub: &SubState) -> (u64, u64) {
+        self.applied
+            .get(&sub.id)
+            .copied()
+            .unwrap_or_else(|| (sub.depth(), sub.dead_letters()))
+    }
+
+    /// Applies the batch and hands the group to the flusher, which answers
+    /// and wakes once it is durable.
     fn finish(&mut self, group: Group) {
         let Group {
             mut batch,
@@ -558,116 +603,64 @@ impl Writer {
             writes,
             ..
         } = group;
-        for (sub, depth, dead) in deltas.values() {
-            let depth = apply_delta(sub.depth(), *depth);
-            let dead = apply_delta(sub.dead_letters(), *dead);
+        let mut counts = Vec::with_capacity(deltas.len());
+        for (sub, depth, dead) in deltas.into_values() {
+            let (old_depth, old_dead) = self.counts(&sub);
+            let depth = apply_delta(old_depth, depth);
+            let dead = apply_delta(old_dead, dead);
             let mut value = depth.to_be_bytes().to_vec();
             value.extend_from_slice(&dead.to_be_bytes());
             batch.insert(&keys::counters(sub.id), value);
+            counts.push((sub, depth, dead));
         }
-        let started = Instant::now();
-        let result = if let Some(reason) = &self.failed {
-            Err(StorageError::Unavailable(reason.clone()))
-        } else if writes == 0 && deltas.is_empty() && syncs.is_empty() {
-            Ok(())
-        } else {
-            self.write_durably(batch)
+        let needs_flush = writes > 0 || !counts.is_empty() || !syncs.is_empty();
+        let result = match &self.failed {
+            Some(reason) => Err(StorageError::Unavailable(reason.clone())),
+            None if needs_flush => self.db.apply_batch(batch).map_err(StorageError::from),
+            None => Ok(()),
         };
-        match result {
-            Ok(()) => {
-                if writes > 0 || !syncs.is_empty() {
-                    let micros = started.elapsed().as_micros() as u64;
-                    ::metrics::histogram!(crate::metrics::FLUSH_SECONDS)
-                        .record(started.elapsed().as_secs_f64());
-                    ::metrics::histogram!(crate::metrics::FLUSH_MESSAGES).record(publishes as f64);
-                    self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-                    self.stats.flush_micros.fetch_add(micros, Ordering::Relaxed);
-                    self.stats.publishes.fetch_add(publishes, Ordering::Relaxed);
-                    self.stats
-                        .max_publishes_per_flush
-                        .fetch_max(publishes, Ordering::Relaxed);
-                    debug!(publishes, writes, micros, "group commit");
-                }
-                for (sub, depth, dead) in deltas.values() {
-                    sub.depth
-                        .store(apply_delta(sub.depth(), *depth), Ordering::Relaxed);
-                    sub.dead_letters
-                        .store(apply_delta(sub.dead_letters(), *dead), Ordering::Relaxed);
-                }
-                for (topic, seq) in committed {
-                    if let Some(t) = self.topics.get(&topic) {
-                        t.committed.fetch_max(seq, Ordering::AcqRel);
-                    }
-                }
-                for (reply, published) in replies {
-                    let _ = reply.send(Ok(published));
-                }
-                for reply in syncs {
-                    let _ = reply.send(Ok(()));
-                }
-                for sub in woken.values() {
-                    sub.notify.notify_one();
-                }
-            }
-            Err(e) => {
-                error!(cause = %e, "group commit failed; publishes are refused until restart");
-                let reason = e.to_string();
-                self.failed.get_or_insert_with(|| reason.clone());
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-                }
-                for reply in syncs {
-                    let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-                }
-            }
-        }
-    }
-
-    fn write_durably(&mut self, batch: sled::Batch) -> Result<(), StorageError> {
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
-        let path = self.dir.join("db");
-        self.db_file
-            .sync_all()
-            .map_err(|source| StorageError::Io { path, source })?;
-        self.sync_new_blobs()
-    }
-
-    /// sled writes values too large for its log segments to `blobs/` without
-    /// syncing them: fsync every blob file not yet synced, then the folder.
-    fn sync_new_blobs(&mut self) -> Result<(), StorageError> {
-        let dir = self.dir.join("blobs");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => return Err(StorageError::Io { path: dir, source }),
+        let applied = Applied {
+            replies,
+            syncs,
+            committed: committed
+                .into_iter()
+                .filter_map(|(id, seq)| self.topics.get(&id).map(|t| (t.clone(), seq)))
+                .collect(),
+            woken: woken.into_values().collect(),
+            counts,
+            publishes,
+            needs_flush,
         };
-        let mut seen = HashSet::new();
-        let mut synced_any = false;
-        for entry in entries {
-            let entry = entry.map_err(|source| StorageError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-            let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                let path = entry.path();
-                match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
-                    Ok(()) => synced_any = true,
-                    // sled may have removed it since we listed it.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(source) => return Err(StorageError::Io { path, source }),
-                }
+        if let Err(e) = result {
+            error!(cause = %e, "group commit failed; publishes are refused until restart");
+            let reason = e.to_string();
+            self.failed.get_or_insert_with(|| reason.clone());
+            for (reply, _) in applied.replies {
+                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
             }
-            seen.insert(name);
+            for reply in applied.syncs {
+                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+            }
+            return;
         }
-        self.synced_blobs = seen;
-        if synced_any {
-            std::fs::File::open(&dir)
-                .and_then(|f| f.sync_all())
-                .map_err(|source| StorageError::Io { path: dir, source })?;
+        for (sub, depth, dead) in &applied.counts {
+            self.applied.insert(sub.id, (*depth, *dead));
         }
-        Ok(())
+        let sent = match &self.durable {
+            Some(durable) => durable.send(applied).map_err(|e| e.0),
+            None => Err(applied),
+        };
+        if let Err(applied) = sent {
+            // The flusher is gone: nothing more can be made durable.
+            let reason = "the flusher thread stopped".to_string();
+            self.failed.get_or_insert_with(|| reason.clone());
+            for (reply, _) in applied.replies {
+                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+            }
+            for reply in applied.syncs {
+                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+            }
+        }
     }
 }
 

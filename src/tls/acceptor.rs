@@ -1,4 +1,10 @@
-//! The TLS accept loop and the connection type handed to tonic.
+//! The accept loop and the connection type handed to tonic.
+//!
+//! Connections are mutual TLS. The one exception is the measurement mode of
+//! `[tls] insecure_plaintext_agency`, which serves plaintext HTTP/2 so that
+//! the cost of TLS can be measured: every connection acts as the configured
+//! agency, and [`Acceptor::plaintext`] refuses a listener whose local address
+//! is not loopback.
 //!
 //! Invariants:
 //! - The accept loop only accepts: every handshake runs in its own task under a
@@ -8,7 +14,8 @@
 //! - Each connection, from accept until tonic drops it, holds one permit of a
 //!   semaphore sized `max_connections`; with none free a new TCP connection is
 //!   closed at once. An established connection is registered with the
-//!   [`TlsState`] until it is dropped.
+//!   [`TlsState`] (in plaintext mode, with a registry of its own) until it is
+//!   dropped.
 //! - An established connection is closed when its certificate is revoked (its
 //!   registry token is cancelled) or when it reaches `max_connection_age`: its
 //!   next read or write fails with `ConnectionAborted`, which makes hyper tear it
@@ -18,10 +25,11 @@
 //!   handshake is logged at info with a short reason (expired, revoked, ...).
 //! - The loop stops when `stop` turns true (or its sender is dropped) or when the
 //!   returned stream is dropped; the listener is closed when it stops.
+//! - Plaintext is served only on a listener bound to a loopback address.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -35,12 +43,14 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::either::Either;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn, Instrument};
 
 use super::failure::handshake_failure_reason;
-use super::registry::{ConnectionInfo, Registration};
-use super::{IdentityResolver, PeerInfo, TlsState};
+use super::registry::{ConnectionInfo, ConnectionRegistry, Registration};
+use super::{IdentityResolver, PeerInfo, TlsError, TlsState};
+use crate::config::Config;
 
 /// Established connections waiting for tonic to pick them up.
 const READY_QUEUE: usize = 64;
@@ -66,11 +76,18 @@ impl CloseReason {
     }
 }
 
-/// A TLS connection handed to tonic, carrying the caller's identity resolved once
-/// at handshake. Dropping it closes the connection, frees its connection slot
+/// Whether `ip` is a loopback address: 127.0.0.0/8 or ::1 (also written as an
+/// IPv4-mapped IPv6 address).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// A connection handed to tonic — mutual TLS, or plaintext in the loopback-only
+/// measurement mode — carrying the caller's identity resolved once when it was
+/// established. Dropping it closes the connection, frees its connection slot
 /// and removes it from the registry of live connections.
-pub struct TlsConnection {
-    inner: TlsStream<TcpStream>,
+pub struct Connection {
+    inner: Either<TlsStream<TcpStream>, TcpStream>,
     peer: PeerInfo,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
     max_age: Pin<Box<Sleep>>,
@@ -79,15 +96,19 @@ pub struct TlsConnection {
     _permit: OwnedSemaphorePermit,
 }
 
-impl TlsConnection {
+impl Connection {
     /// The peer's address and identity.
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
     }
 
-    /// The underlying TLS stream (e.g. for the negotiated protocol).
-    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
-        &self.inner
+    /// The underlying TLS stream (e.g. for the negotiated protocol); `None`
+    /// for a plaintext connection.
+    pub fn tls_stream(&self) -> Option<&TlsStream<TcpStream>> {
+        match &self.inner {
+            Either::Left(tls) => Some(tls),
+            Either::Right(_) => None,
+        }
     }
 
     /// Why the connection was closed, once it has been.
@@ -126,16 +147,17 @@ impl TlsConnection {
     }
 }
 
-impl std::fmt::Debug for TlsConnection {
+impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConnection")
+        f.debug_struct("Connection")
             .field("peer", &self.peer)
+            .field("tls", &self.tls_stream().is_some())
             .field("closed", &self.closed)
             .finish_non_exhaustive()
     }
 }
 
-impl AsyncRead for TlsConnection {
+impl AsyncRead for Connection {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -149,7 +171,7 @@ impl AsyncRead for TlsConnection {
     }
 }
 
-impl AsyncWrite for TlsConnection {
+impl AsyncWrite for Connection {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -191,7 +213,7 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
-impl tonic::transport::server::Connected for TlsConnection {
+impl tonic::transport::server::Connected for Connection {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -210,52 +232,156 @@ pub struct AcceptorSettings {
     pub max_connection_age: Duration,
 }
 
-/// Spawns the accept loop on `listener` and returns the stream of established
-/// connections for `Server::serve_with_incoming_shutdown`.
-///
-/// Each handshake uses `tls`'s server configuration of the moment; each
-/// connection's agency is resolved by `identities` and the connection is
-/// registered with `tls` (see [`TlsState::reload`]).
-///
-/// Must be called within a Tokio runtime. The loop ends when `stop` becomes
-/// `true` or its sender is dropped, or when the returned stream is dropped;
-/// in-flight handshakes are abandoned then too, so the stream ends promptly.
-/// The stream yields only `Ok` items; the error type is what tonic expects.
+/// What an accepted TCP connection goes through before tonic gets it.
+#[derive(Clone)]
+enum Transport {
+    /// A mutual-TLS handshake with the configuration in force; the agency
+    /// comes from the client certificate.
+    Tls {
+        tls: Arc<TlsState>,
+        identities: Arc<IdentityResolver>,
+    },
+    /// No TLS (loopback only, for measuring what TLS costs): every connection
+    /// acts as `agency`. `addr` is the listener's loopback address.
+    Plaintext {
+        agency: String,
+        addr: SocketAddr,
+        connections: ConnectionRegistry,
+    },
+}
+
+/// A bound listener and how its connections are secured, ready to start
+/// accepting with [`Acceptor::incoming`].
+pub struct Acceptor {
+    listener: TcpListener,
+    transport: Transport,
+}
+
+impl Acceptor {
+    /// Mutual TLS: each handshake uses `tls`'s server configuration of the
+    /// moment; each connection's agency is resolved by `identities` and the
+    /// connection is registered with `tls` (see [`TlsState::reload`]).
+    pub fn tls(
+        listener: TcpListener,
+        tls: Arc<TlsState>,
+        identities: Arc<IdentityResolver>,
+    ) -> Self {
+        Self {
+            listener,
+            transport: Transport::Tls { tls, identities },
+        }
+    }
+
+    /// Plaintext HTTP/2 without TLS, every connection acting as `agency`: only
+    /// for measuring what TLS costs. Fails unless the listener's local address
+    /// is loopback.
+    pub fn plaintext(listener: TcpListener, agency: String) -> Result<Self, TlsError> {
+        let addr = listener.local_addr().map_err(TlsError::LocalAddr)?;
+        if !is_loopback(addr.ip()) {
+            return Err(TlsError::PlaintextNotLoopback { addr });
+        }
+        Ok(Self {
+            listener,
+            transport: Transport::Plaintext {
+                agency,
+                addr,
+                connections: ConnectionRegistry::default(),
+            },
+        })
+    }
+
+    /// As `config` says: plaintext when `[tls] insecure_plaintext_agency` is
+    /// set (see [`Acceptor::plaintext`]), else mutual TLS with the files of
+    /// `[tls]` (loaded now) and the configured agencies and `[[identity]]`
+    /// mappings.
+    pub fn from_config(config: &Config, listener: TcpListener) -> Result<Self, TlsError> {
+        match &config.tls.insecure_plaintext_agency {
+            Some(agency) => Self::plaintext(listener, agency.clone()),
+            None => Ok(Self::tls(
+                listener,
+                TlsState::load(&config.tls)?,
+                Arc::new(IdentityResolver::from_config(config)?),
+            )),
+        }
+    }
+
+    /// The TLS material to reload; `None` in plaintext mode.
+    pub fn tls_state(&self) -> Option<&Arc<TlsState>> {
+        match &self.transport {
+            Transport::Tls { tls, .. } => Some(tls),
+            Transport::Plaintext { .. } => None,
+        }
+    }
+
+    /// Spawns the accept loop and returns the stream of established
+    /// connections for `Server::serve_with_incoming_shutdown`.
+    ///
+    /// Must be called within a Tokio runtime. The loop ends when `stop` becomes
+    /// `true` or its sender is dropped, or when the returned stream is dropped;
+    /// in-flight handshakes are abandoned then too, so the stream ends promptly.
+    pub fn incoming(self, settings: AcceptorSettings, stop: watch::Receiver<bool>) -> Incoming {
+        let (tx, rx) = mpsc::channel(READY_QUEUE);
+        let local = self.listener.local_addr().ok();
+        let span = match &self.transport {
+            Transport::Tls { .. } => tracing::info_span!("tls_accept", listen = ?local),
+            Transport::Plaintext { agency, addr, .. } => {
+                warn!(
+                    "WARNING: serving PLAINTEXT without TLS on {addr}, every connection acts as \
+                     agency {agency} — for measuring TLS cost only"
+                );
+                tracing::info_span!("plaintext_accept", listen = ?local)
+            }
+        };
+        let accept_loop = AcceptLoop {
+            listener: self.listener,
+            transport: self.transport,
+            permits: Arc::new(Semaphore::new(
+                settings.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            settings,
+            tx,
+            stop,
+        };
+        tokio::spawn(accept_loop.run().instrument(span));
+        Incoming(ReceiverStream::new(rx))
+    }
+}
+
+/// The established connections of an [`Acceptor`]. It yields only `Ok` items;
+/// the error type is what tonic expects.
+#[derive(Debug)]
+pub struct Incoming(ReceiverStream<Result<Connection, io::Error>>);
+
+impl Stream for Incoming {
+    type Item = Result<Connection, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0).poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+/// Mutual-TLS connections on `listener`: [`Acceptor::tls`], then
+/// [`Acceptor::incoming`].
 pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<TlsState>,
     identities: Arc<IdentityResolver>,
     settings: AcceptorSettings,
     stop: watch::Receiver<bool>,
-) -> impl Stream<Item = Result<TlsConnection, io::Error>> + Send + 'static {
-    let (tx, rx) = mpsc::channel(READY_QUEUE);
-    let accept_loop = AcceptLoop {
-        listener,
-        tls,
-        identities,
-        permits: Arc::new(Semaphore::new(
-            settings.max_connections.min(Semaphore::MAX_PERMITS),
-        )),
-        settings,
-        tx,
-        stop,
-    };
-    let local = accept_loop.listener.local_addr().ok();
-    tokio::spawn(
-        accept_loop
-            .run()
-            .instrument(tracing::info_span!("tls_accept", listen = ?local)),
-    );
-    ReceiverStream::new(rx)
+) -> Incoming {
+    Acceptor::tls(listener, tls, identities).incoming(settings, stop)
 }
 
 struct AcceptLoop {
     listener: TcpListener,
-    tls: Arc<TlsState>,
-    identities: Arc<IdentityResolver>,
+    transport: Transport,
     permits: Arc<Semaphore>,
     settings: AcceptorSettings,
-    tx: mpsc::Sender<Result<TlsConnection, io::Error>>,
+    tx: mpsc::Sender<Result<Connection, io::Error>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -297,80 +423,57 @@ impl AcceptLoop {
                 debug!(peer = %remote_addr, error = %e, "cannot set TCP_NODELAY");
             }
 
+            let span = match &self.transport {
+                Transport::Tls { .. } => tracing::debug_span!("tls_handshake", peer = %remote_addr),
+                Transport::Plaintext { .. } => {
+                    tracing::debug_span!("plaintext_connection", peer = %remote_addr)
+                }
+            };
             let handshake = Handshake {
-                tls: self.tls.clone(),
-                identities: self.identities.clone(),
+                transport: self.transport.clone(),
                 timeout: self.settings.handshake_timeout,
                 max_age: self.settings.max_connection_age,
                 tx: self.tx.clone(),
                 stop: self.stop.clone(),
             };
-            tokio::spawn(
-                handshake
-                    .run(tcp, remote_addr, permit)
-                    .instrument(tracing::debug_span!("tls_handshake", peer = %remote_addr)),
-            );
+            tokio::spawn(handshake.run(tcp, remote_addr, permit).instrument(span));
         }
-        debug!("tls accept loop stopped");
+        debug!("accept loop stopped");
     }
 }
 
+/// Turns one accepted TCP connection into a [`Connection`] for tonic.
 struct Handshake {
-    tls: Arc<TlsState>,
-    identities: Arc<IdentityResolver>,
+    transport: Transport,
     timeout: Duration,
     max_age: Duration,
-    tx: mpsc::Sender<Result<TlsConnection, io::Error>>,
+    tx: mpsc::Sender<Result<Connection, io::Error>>,
     stop: watch::Receiver<bool>,
 }
 
+/// What establishing a connection yields, before it is handed to tonic.
+type Established = (
+    Either<TlsStream<TcpStream>, TcpStream>,
+    PeerInfo,
+    Registration,
+    CancellationToken,
+);
+
 impl Handshake {
     async fn run(self, tcp: TcpStream, remote_addr: SocketAddr, permit: OwnedSemaphorePermit) {
-        let acceptor = TlsAcceptor::from(self.tls.server_config());
-        let outcome = tokio::select! {
-            () = stopped(self.stop) => return,
-            () = self.tx.closed() => return,
-            outcome = tokio::time::timeout(self.timeout, acceptor.accept(tcp)) => outcome,
+        let established = match &self.transport {
+            Transport::Tls { tls, identities } => self.tls(tls, identities, tcp, remote_addr).await,
+            Transport::Plaintext {
+                agency,
+                connections,
+                ..
+            } => Some(plaintext(agency, connections, tcp, remote_addr)),
         };
-        let stream = match outcome {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                log_handshake_failure(remote_addr, &e);
-                return;
-            }
-            Err(_elapsed) => {
-                info!(
-                    peer = %remote_addr,
-                    timeout = ?self.timeout,
-                    "tls handshake timed out"
-                );
-                return;
-            }
+        let Some((inner, peer, registration, revoked)) = established else {
+            return;
         };
-
-        let (peer, leaf) = PeerInfo::inspect(
-            remote_addr,
-            stream.get_ref().1.peer_certificates(),
-            &self.identities,
-        );
-        match &peer.identity {
-            Ok(agency) => {
-                debug!(peer = %remote_addr, agency = %agency, "tls connection established")
-            }
-            Err(e) => info!(
-                peer = %remote_addr,
-                reason = %e,
-                "tls connection without a usable agency identity; its requests will be refused"
-            ),
-        }
-        let (registration, revoked) = self.tls.register(ConnectionInfo {
-            remote_addr,
-            agency: peer.identity.as_ref().ok().cloned(),
-            serial: peer.serial.clone(),
-            leaf,
-        });
-        let connection = TlsConnection {
-            inner: stream,
+        let connection = Connection {
+            inner,
             peer,
             revoked: Box::pin(revoked.cancelled_owned()),
             max_age: Box::pin(tokio::time::sleep(self.max_age)),
@@ -382,6 +485,84 @@ impl Handshake {
         // connection closes it and frees the slot.
         let _ = self.tx.send(Ok(connection)).await;
     }
+
+    /// The TLS handshake and the agency of the client certificate; `None` if
+    /// the handshake failed (logged), timed out or was abandoned.
+    async fn tls(
+        &self,
+        tls: &TlsState,
+        identities: &IdentityResolver,
+        tcp: TcpStream,
+        remote_addr: SocketAddr,
+    ) -> Option<Established> {
+        let acceptor = TlsAcceptor::from(tls.server_config());
+        let outcome = tokio::select! {
+            () = stopped(self.stop.clone()) => return None,
+            () = self.tx.closed() => return None,
+            outcome = tokio::time::timeout(self.timeout, acceptor.accept(tcp)) => outcome,
+        };
+        let stream = match outcome {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                log_handshake_failure(remote_addr, &e);
+                return None;
+            }
+            Err(_elapsed) => {
+                info!(
+                    peer = %remote_addr,
+                    timeout = ?self.timeout,
+                    "tls handshake timed out"
+                );
+                return None;
+            }
+        };
+
+        let (peer, leaf) = PeerInfo::inspect(
+            remote_addr,
+            stream.get_ref().1.peer_certificates(),
+            identities,
+        );
+        match &peer.identity {
+            Ok(agency) => {
+                debug!(peer = %remote_addr, agency = %agency, "tls connection established")
+            }
+            Err(e) => info!(
+                peer = %remote_addr,
+                reason = %e,
+                "tls connection without a usable agency identity; its requests will be refused"
+            ),
+        }
+        let (registration, revoked) = tls.register(ConnectionInfo {
+            remote_addr,
+            agency: peer.identity.as_ref().ok().cloned(),
+            serial: peer.serial.clone(),
+            leaf,
+        });
+        Some((Either::Left(stream), peer, registration, revoked))
+    }
+}
+
+/// A plaintext connection acting as `agency`, registered with `connections`
+/// (its token is never cancelled: there is no certificate to revoke).
+fn plaintext(
+    agency: &str,
+    connections: &ConnectionRegistry,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+) -> Established {
+    debug!(peer = %remote_addr, agency = %agency, "plaintext connection accepted");
+    let peer = PeerInfo {
+        remote_addr,
+        identity: Ok(agency.to_owned()),
+        serial: None,
+    };
+    let (registration, revoked) = connections.register(ConnectionInfo {
+        remote_addr,
+        agency: Some(agency.to_owned()),
+        serial: None,
+        leaf: None,
+    });
+    (Either::Right(tcp), peer, registration, revoked)
 }
 
 /// Logs a failed handshake with its reason. Certificate and protocol problems
@@ -503,7 +684,7 @@ mod tests {
 
     struct Server {
         addr: SocketAddr,
-        incoming: Pin<Box<dyn Stream<Item = Result<TlsConnection, io::Error>> + Send>>,
+        incoming: Pin<Box<dyn Stream<Item = Result<Connection, io::Error>> + Send>>,
         stop: watch::Sender<bool>,
     }
 
@@ -537,7 +718,7 @@ mod tests {
         connector.connect(name, tcp).await
     }
 
-    async fn next(server: &mut Server) -> Option<TlsConnection> {
+    async fn next(server: &mut Server) -> Option<Connection> {
         tokio::time::timeout(WAIT, server.incoming.next())
             .await
             .expect("a connection within the deadline")
@@ -554,7 +735,10 @@ mod tests {
         let conn = next(&mut server).await.unwrap();
         assert_eq!(conn.peer().identity.as_deref(), Ok(AGENCY));
         assert_eq!(conn.peer().serial.as_deref(), Some(agency.serial.as_str()));
-        assert_eq!(conn.get_ref().get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(
+            conn.tls_stream().unwrap().get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..])
+        );
         let client = client.await.unwrap().unwrap();
         assert_eq!(
             conn.peer().remote_addr,
@@ -661,7 +845,7 @@ mod tests {
     }
 
     /// Reads the server side as hyper would, until it fails or ends.
-    async fn drive(mut conn: TlsConnection) -> (io::ErrorKind, Option<CloseReason>) {
+    async fn drive(mut conn: Connection) -> (io::ErrorKind, Option<CloseReason>) {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 64];
         loop {
@@ -763,6 +947,101 @@ mod tests {
         );
         assert!(closed_by_server(&mut client).await);
         assert_eq!(pki.tls.live_connections(), 0);
+    }
+
+    async fn start_plaintext(settings: AcceptorSettings) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let incoming = Acceptor::plaintext(listener, AGENCY.to_owned())
+            .unwrap()
+            .incoming(settings, stop_rx);
+        Server {
+            addr,
+            incoming: Box::pin(incoming),
+            stop,
+        }
+    }
+
+    #[tokio::test]
+    async fn plaintext_connections_act_as_the_agency_within_the_connection_limit() {
+        let mut server = start_plaintext(AcceptorSettings {
+            max_connections: 1,
+            ..settings()
+        })
+        .await;
+        let client = TcpStream::connect(server.addr).await.unwrap();
+        let conn = next(&mut server).await.unwrap();
+        assert_eq!(conn.peer().identity.as_deref(), Ok(AGENCY));
+        assert_eq!(conn.peer().serial, None);
+        assert_eq!(conn.peer().remote_addr, client.local_addr().unwrap());
+        assert!(conn.tls_stream().is_none());
+
+        let mut refused = TcpStream::connect(server.addr).await.unwrap();
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, refused.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+
+        drop(conn);
+        let _third = TcpStream::connect(server.addr).await.unwrap();
+        assert!(next(&mut server).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn plaintext_connections_are_closed_at_the_maximum_age() {
+        let mut server = start_plaintext(AcceptorSettings {
+            max_connection_age: Duration::from_millis(300),
+            ..settings()
+        })
+        .await;
+        let _client = TcpStream::connect(server.addr).await.unwrap();
+        let conn = next(&mut server).await.unwrap();
+        let outcome = tokio::time::timeout(WAIT, drive(conn)).await.unwrap();
+        assert_eq!(
+            outcome,
+            (io::ErrorKind::ConnectionAborted, Some(CloseReason::MaxAge))
+        );
+    }
+
+    #[tokio::test]
+    async fn plaintext_is_refused_on_a_listener_that_is_not_loopback() {
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        match Acceptor::plaintext(listener, AGENCY.to_owned()) {
+            Err(TlsError::PlaintextNotLoopback { addr: refused }) => assert_eq!(refused, addr),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("plaintext accepted on {addr}"),
+        }
+        // Also as the broker builds it from configuration.
+        let mut config = crate::config::Config::load_str(
+            "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[[agency]]\nid = \"council-leeds\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        config.tls.insecure_plaintext_agency = Some(AGENCY.to_owned());
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        assert!(matches!(
+            Acceptor::from_config(&config, listener),
+            Err(TlsError::PlaintextNotLoopback { .. })
+        ));
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        for ip in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "10.0.0.1",
+            "192.0.2.1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[tokio::test]

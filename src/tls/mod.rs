@@ -4,12 +4,17 @@
 //!
 //! Data flow: [`TlsState::load`] builds the `rustls::ServerConfig` from the PEM
 //! files of `[tls]` (CA bundle, certificate, key, CRLs); [`spawn_reloader`]
-//! reloads them on SIGHUP and when they change; [`tls_incoming`] accepts TCP
-//! connections, runs each handshake in its own task with the configuration in
-//! force, resolves the peer's agency once ([`IdentityResolver`]), registers the
-//! connection, and yields [`TlsConnection`]s for
-//! `Server::serve_with_incoming_shutdown`; tonic then puts the connection's
+//! reloads them on SIGHUP and when they change; an [`Acceptor`]
+//! ([`tls_incoming`]) accepts TCP connections, runs each handshake in its own
+//! task with the configuration in force, resolves the peer's agency once
+//! ([`IdentityResolver`]), registers the connection, and yields [`Connection`]s
+//! for `Server::serve_with_incoming_shutdown`; tonic then puts the connection's
 //! [`PeerInfo`] into every request's extensions.
+//!
+//! The one exception to TLS is `[tls] insecure_plaintext_agency`, a mode for
+//! measuring what TLS costs: [`Acceptor::plaintext`] serves plaintext HTTP/2,
+//! every connection acting as that agency, and only on a loopback listener
+//! (configuration validation refuses any other address too).
 //!
 //! Invariants:
 //! - Exactly one crypto provider, ring, is used; [`crypto_provider`] is passed
@@ -41,7 +46,9 @@ mod subject;
 
 use std::path::PathBuf;
 
-pub use acceptor::{tls_incoming, AcceptorSettings, CloseReason, TlsConnection};
+pub use acceptor::{
+    is_loopback, tls_incoming, Acceptor, AcceptorSettings, CloseReason, Connection, Incoming,
+};
 pub use failure::handshake_failure_reason;
 pub use identity::{agency_from_cert, IdentityError, IdentityResolver, PeerInfo};
 pub use reload::{spawn_reloader, OnReload};
@@ -49,7 +56,9 @@ pub use server_config::{crypto_provider, install_crypto_provider, load_server_co
 pub use state::{ReloadReport, TlsState};
 pub use subject::{SubjectError, SubjectName};
 
-/// Errors building the TLS server configuration. Each names the file at fault.
+/// Errors setting up how connections are secured: building the TLS server
+/// configuration (each names the file at fault) or the plaintext measurement
+/// mode.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path} does not exist")]
@@ -110,4 +119,10 @@ pub enum TlsError {
     },
     #[error("[[identity]] #{number}: {reason}")]
     IdentityMapping { number: usize, reason: String },
+    #[error(
+        "refusing to serve plaintext on {addr}: tls.insecure_plaintext_agency is for measuring TLS cost only and serves loopback addresses only"
+    )]
+    PlaintextNotLoopback { addr: std::net::SocketAddr },
+    #[error("cannot read the listener's local address")]
+    LocalAddr(#[source] std::io::Error),
 }

@@ -190,6 +190,38 @@ impl TestBroker {
         body: &str,
         env: Vec<(String, String)>,
     ) -> TestBroker {
+        let text = config_text_with(tmp.path(), broker_extra, body);
+        let broker = Self::launch(tmp, pki, &text, env).await;
+        let client = broker.client("police").await;
+        broker.wait_until_serving(client).await;
+        broker
+    }
+
+    /// Starts a broker in the loopback-only plaintext measurement mode
+    /// (`JOINERY_TLS_INSECURE_PLAINTEXT_AGENCY=agency`): no TLS, every
+    /// connection acts as `agency`. Use [`TestBroker::plain_client`].
+    pub async fn start_plaintext(body: &str, agency: &str) -> TestBroker {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let pki = Arc::new(TestPki::create(&tmp.path().join("pki")));
+        let env = vec![(
+            "JOINERY_TLS_INSECURE_PLAINTEXT_AGENCY".to_string(),
+            agency.to_string(),
+        )];
+        let text = config_text(tmp.path(), body);
+        let broker = Self::launch(tmp, pki, &text, env).await;
+        let client = broker.plain_client().await;
+        broker.wait_until_serving(client).await;
+        broker
+    }
+
+    /// Loads the configuration `text` with `env` and spawns the broker,
+    /// without waiting for it to serve.
+    async fn launch(
+        tmp: Arc<tempfile::TempDir>,
+        pki: Arc<TestPki>,
+        text: &str,
+        env: Vec<(String, String)>,
+    ) -> TestBroker {
         joinery::tls::install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -199,9 +231,8 @@ impl TestBroker {
             .with_test_writer()
             .try_init();
         let root = tmp.path().to_path_buf();
-        let text = config_text_with(&root, broker_extra, body);
         let config = Arc::new(
-            Config::load_str(&text, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}")),
+            Config::load_str(text, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}")),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -209,7 +240,7 @@ impl TestBroker {
         let task = tokio::spawn(joinery::run(config.clone(), listener, async move {
             let _ = stopped.await;
         }));
-        let broker = TestBroker {
+        TestBroker {
             addr,
             root,
             pki,
@@ -217,9 +248,11 @@ impl TestBroker {
             stop: Some(stop),
             task: Some(task),
             tmp,
-        };
-        // Ready once a client can complete a call.
-        let client = broker.client("police").await;
+        }
+    }
+
+    /// Returns once `client` can complete a call.
+    async fn wait_until_serving(&self, client: BrokerClient<Channel>) {
         eventually(Duration::from_secs(10), || {
             let mut client = client.clone();
             async move {
@@ -241,7 +274,6 @@ impl TestBroker {
             }
         })
         .await;
-        broker
     }
 
     /// A view over a broker this harness did not start (for its client
@@ -309,6 +341,19 @@ impl TestBroker {
             .tls_config(tls)?
             .connect()
             .await
+    }
+
+    /// A channel without TLS (`http://`), for the plaintext measurement mode.
+    pub async fn plain_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Endpoint::from_shared(format!("http://{}", self.addr))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+
+    /// A client without TLS; a plaintext broker treats it as its configured agency.
+    pub async fn plain_client(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.plain_channel().await.expect("connect"))
     }
 }
 

@@ -195,7 +195,7 @@ impl Writer {
             // Nothing of the subscription is pending any more: the depth is
             // exactly what later ops of this batch add.
             let entry = group.deltas.entry(sub.id).or_insert((sub.clone(), 0, 0));
-            entry.1 = -i64::try_from(sub.depth()).unwrap_or(i64::MAX);
+            entry.1 = -i64::try_from(self.counts(sub).0).unwrap_or(i64::MAX);
         } else {
             group.delta(sub, -i64::try_from(removed).unwrap_or(i64::MAX), 0);
         }

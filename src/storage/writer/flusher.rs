@@ -1,0 +1,191 @@
+//! The flusher thread: makes applied batches durable and only then answers
+//! them. The writer applies group N+1 to sled while this thread flushes and
+//! fsyncs group N, so building batches (CPU) overlaps waiting for the disk.
+//!
+//! # Invariants
+//! - Groups are answered in the order the writer applied them, each only
+//!   after a `flush()` + fsync that started after the group was applied (a
+//!   flush covers everything written to sled's log before it began).
+//! - Several groups waiting together share one flush.
+//! - A group with no writes (e.g. only duplicate publishes) is still answered
+//!   in order, so it never overtakes the durability of an earlier group it
+//!   depends on.
+//! - Once a flush fails, every later group is refused: sled's errors are
+//!   sticky, and nothing may be acknowledged that is not durable.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+use tracing::{debug, error};
+
+use super::super::{FlushStats, Published, StorageError, SubState, TopicState};
+
+/// A group applied to sled, waiting for durability.
+pub(super) struct Applied {
+    pub replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
+    pub syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
+    /// Topic sequences that become visible to dispatchers.
+    pub committed: Vec<(Arc<TopicState>, u64)>,
+    pub woken: Vec<Arc<SubState>>,
+    /// Counters as written in the group: (subscription, depth, dead letters).
+    pub counts: Vec<(Arc<SubState>, u64, u64)>,
+    pub publishes: u64,
+    /// The group wrote something (or asked for a sync): it needs a flush.
+    pub needs_flush: bool,
+}
+
+/// The first storage failure, shared by the writer and the flusher.
+pub(super) type Failure = Arc<Mutex<Option<String>>>;
+
+pub(super) fn failure_of(failed: &Failure) -> Option<String> {
+    match failed.lock() {
+        Ok(f) => f.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn fail(failed: &Failure, reason: &str) {
+    let mut slot = match failed.lock() {
+        Ok(f) => f,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    slot.get_or_insert_with(|| reason.to_string());
+}
+
+pub(super) struct Flusher {
+    pub db: sled::Db,
+    pub dir: PathBuf,
+    pub db_file: std::fs::File,
+    pub stats: Arc<FlushStats>,
+    pub failed: Failure,
+    pub synced_blobs: HashSet<std::ffi::OsString>,
+}
+
+impl Flusher {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Applied>) {
+        while let Ok(first) = rx.recv() {
+            let mut groups = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                groups.push(next);
+            }
+            self.complete(groups);
+        }
+    }
+
+    fn complete(&mut self, groups: Vec<Applied>) {
+        let started = Instant::now();
+        let needs_flush = groups.iter().any(|g| g.needs_flush);
+        let result = match failure_of(&self.failed) {
+            Some(reason) => Err(StorageError::Unavailable(reason)),
+            None if needs_flush => self.sync(),
+            None => Ok(()),
+        };
+        if let Err(e) = &result {
+            error!(cause = %e, "group commit failed; publishes are refused until restart");
+            fail(&self.failed, &e.to_string());
+        } else if needs_flush {
+            let publishes: u64 = groups.iter().map(|g| g.publishes).sum();
+            let micros = started.elapsed().as_micros() as u64;
+            ::metrics::histogram!(crate::metrics::FLUSH_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            ::metrics::histogram!(crate::metrics::FLUSH_MESSAGES).record(publishes as f64);
+            self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            self.stats.flush_micros.fetch_add(micros, Ordering::Relaxed);
+            self.stats.publishes.fetch_add(publishes, Ordering::Relaxed);
+            self.stats
+                .max_publishes_per_flush
+                .fetch_max(publishes, Ordering::Relaxed);
+            debug!(publishes, groups = groups.len(), micros, "group commit");
+        }
+        for group in groups {
+            answer(group, &result);
+        }
+    }
+
+    /// sled's flush, then an fsync of its data file (sled's own flush uses
+    /// `sync_file_range`, which leaves the disk's write cache unflushed).
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        self.db_file
+            .sync_data()
+            .map_err(|source| StorageError::Io {
+                path: self.dir.join("db"),
+                source,
+            })?;
+        self.sync_new_blobs()
+    }
+
+    /// sled writes values too large for its log segments to `blobs/` without
+    /// syncing them: fsync every blob file not yet synced, then the folder.
+    fn sync_new_blobs(&mut self) -> Result<(), StorageError> {
+        let dir = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StorageError::Io { path: dir, source }),
+        };
+        let mut seen = HashSet::new();
+        let mut synced_any = false;
+        for entry in entries {
+            let entry = entry.map_err(|source| StorageError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                let path = entry.path();
+                match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                    Ok(()) => synced_any = true,
+                    // sled may have removed it since we listed it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(StorageError::Io { path, source }),
+                }
+            }
+            seen.insert(name);
+        }
+        self.synced_blobs = seen;
+        if synced_any {
+            std::fs::File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| StorageError::Io { path: dir, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes counters and sequences, then answers and wakes (or refuses).
+fn answer(group: Applied, result: &Result<(), StorageError>) {
+    match result {
+        Ok(()) => {
+            for (sub, depth, dead) in &group.counts {
+                sub.depth.store(*depth, Ordering::Relaxed);
+                sub.dead_letters.store(*dead, Ordering::Relaxed);
+            }
+            for (topic, seq) in &group.committed {
+                topic.committed.fetch_max(*seq, Ordering::AcqRel);
+            }
+            for (reply, published) in group.replies {
+                let _ = reply.send(Ok(published));
+            }
+            for reply in group.syncs {
+                let _ = reply.send(Ok(()));
+            }
+            for sub in &group.woken {
+                sub.notify.notify_one();
+            }
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            for (reply, _) in group.replies {
+                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+            }
+            for reply in group.syncs {
+                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
+            }
+        }
+    }
+}
