@@ -1,0 +1,348 @@
+//! What the durable store costs, through its public API
+//! (`joinery::storage::Store`) on a real sled directory with real fsyncs:
+//! - `storage/append`: N publishes of a 1 KiB payload submitted at once and
+//!   timed until every one is answered durable; the writer thread groups
+//!   them into as few flushes as it can (group commit);
+//! - `storage/ack`: N acks, timed until a sync confirms they are flushed;
+//! - `storage/redeliver`: N pending entries requeued with one more attempt
+//!   (what a missed ack deadline or a nack persists), until flushed.
+//!
+//! Each publish carries what the broker gives it: a client message id (so a
+//! dedup lookup and entry), an expiry (the topic's retention) and its audit
+//! record in the same batch. The store, its temporary directory (under
+//! cargo's target tmp dir, on disk) and the runtime are set up outside the
+//! timed loops; the untimed part of an iteration publishes what it will ack,
+//! or acks what it published, so the store stays the same size throughout.
+//! After each benchmark the mean number of flushes (each one an fsync) per
+//! timed iteration is printed, to show how the N operations were grouped.
+//!
+//! Run with `cargo bench --bench storage` (add `-- --quick` for a fast
+//! estimate).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use joinery::proto::{Envelope, Marking};
+use joinery::storage::{
+    keys, now_ms, Outcome, Pending, PublishOp, Published, StorageError, Store, StoreOptions,
+    StoredMessage, SubState, TopicState,
+};
+use prost::Message;
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+
+/// Operations per timed iteration.
+const BATCHES: [u64; 3] = [1, 64, 512];
+const PAYLOAD_BYTES: usize = 1024;
+const TOPIC: &str = "referral.safeguarding";
+const SUBSCRIPTION: &str = "council.safeguarding-inbox";
+const SENDER: &str = "police";
+const OWNER: &str = "council";
+const MESSAGE_TYPE: &str = "interop.referral.v1.SafeguardingReferral";
+/// The topic's retention, which sets each message's expiry.
+const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+type Reply = oneshot::Receiver<Result<Published, StorageError>>;
+
+/// A store with one topic and one subscription in a temporary directory,
+/// and the runtime that drives it.
+struct Fixture {
+    rt: Runtime,
+    store: Store,
+    topic: Arc<TopicState>,
+    sub: Arc<SubState>,
+    payload: Vec<u8>,
+    next_id: u64,
+    // Dropped last: the store is closed before the directory goes.
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Opens the store with the broker's default settings.
+    fn open() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("joinery-bench-storage-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("a temporary directory");
+        let store = Store::open(
+            dir.path(),
+            StoreOptions {
+                cache_capacity: 64 << 20,
+                dedup_window: Duration::from_secs(24 * 3600),
+                max_batch: 4096,
+                audit_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+                reports: Vec::new(),
+            },
+            &[TOPIC.to_string()],
+            &[(SUBSCRIPTION.to_string(), TOPIC.to_string())],
+        )
+        .expect("the store opens");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        Fixture {
+            rt,
+            topic: store.topic(TOPIC).expect("the topic is registered"),
+            sub: store
+                .subscription(SUBSCRIPTION)
+                .expect("the subscription is registered"),
+            store,
+            payload: (0..PAYLOAD_BYTES).map(|i| (i * 31 % 251) as u8).collect(),
+            next_id: 0,
+            dir,
+        }
+    }
+
+    /// Flushes the writer has made so far.
+    fn flushes(&self) -> u64 {
+        self.store.flush_stats().snapshot().0
+    }
+
+    /// `n` publishes as the broker hands them to the store, each with the
+    /// message the subscription will hold once it is durable (sequence to be
+    /// filled in from the answer).
+    fn prepare(&mut self, n: u64) -> (Vec<PublishOp>, Vec<(Reply, StoredMessage)>) {
+        let mut ops = Vec::with_capacity(n as usize);
+        let mut replies = Vec::with_capacity(n as usize);
+        let digest = joinery::audit::payload_digest(&self.payload);
+        for _ in 0..n {
+            self.next_id += 1;
+            let message_id = format!("bench-{:016}", self.next_id);
+            let publish_ms = now_ms();
+            let expires_ms = publish_ms + RETENTION.as_millis() as u64;
+            let envelope = Envelope {
+                message_id: message_id.clone(),
+                message_type: MESSAGE_TYPE.into(),
+                payload: self.payload.clone(),
+                correlation_id: "case-2024-000123".into(),
+                created_at: Some(prost_types::Timestamp {
+                    seconds: (publish_ms / 1000) as i64,
+                    nanos: 0,
+                }),
+                marking: Marking::OfficialSensitive as i32,
+                headers: [("priority", "high"), ("source-system", "police-rms")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                sender: SENDER.into(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let (reply, rx) = oneshot::channel();
+            replies.push((
+                rx,
+                StoredMessage {
+                    topic: self.topic.id,
+                    seq: 0,
+                    publish_ms,
+                    expires_ms,
+                    digest,
+                    message_id: message_id.clone(),
+                    message_type: MESSAGE_TYPE.into(),
+                    envelope: Bytes::from(envelope.clone()),
+                },
+            ));
+            ops.push(PublishOp {
+                topic: self.topic.clone(),
+                targets: vec![self.sub.clone()],
+                dedup_key: Some(keys::dedup(self.topic.id, SENDER, &message_id)),
+                publish_ms,
+                expires_ms,
+                sender: SENDER.into(),
+                message_id,
+                message_type: MESSAGE_TYPE.into(),
+                digest,
+                envelope,
+                reply,
+            });
+        }
+        (ops, replies)
+    }
+
+    /// Publishes `n` new messages and waits until they are durable (untimed
+    /// setup for the other benchmarks).
+    fn publish(&mut self, n: u64) -> Vec<Arc<StoredMessage>> {
+        let (ops, replies) = self.prepare(n);
+        self.rt.block_on(submit(&self.store, ops, replies))
+    }
+
+    /// Acks `messages` and waits until that is flushed.
+    fn ack(&self, messages: Vec<Arc<StoredMessage>>) {
+        self.rt
+            .block_on(ack(&self.store, &self.topic, &self.sub, messages));
+    }
+
+    fn close(self) {
+        self.rt
+            .block_on(self.store.close())
+            .expect("the store closes");
+        drop(self.dir);
+    }
+}
+
+/// Submits every publish, then waits for every answer.
+async fn submit(
+    store: &Store,
+    ops: Vec<PublishOp>,
+    replies: Vec<(Reply, StoredMessage)>,
+) -> Vec<Arc<StoredMessage>> {
+    for op in ops {
+        store.publish(op).await.expect("the writer is running");
+    }
+    let mut messages = Vec::with_capacity(replies.len());
+    for (rx, mut message) in replies {
+        let published = rx.await.expect("answered").expect("durable");
+        assert!(!published.duplicate);
+        message.seq = published.seq;
+        messages.push(Arc::new(message));
+    }
+    messages
+}
+
+async fn ack(
+    store: &Store,
+    topic: &Arc<TopicState>,
+    sub: &Arc<SubState>,
+    messages: Vec<Arc<StoredMessage>>,
+) {
+    for message in messages {
+        store
+            .settle(
+                sub.clone(),
+                topic.clone(),
+                message,
+                Outcome::Ack,
+                OWNER.into(),
+            )
+            .await
+            .expect("the writer is running");
+    }
+    store.sync().await.expect("flushed");
+}
+
+async fn requeue(store: &Store, sub: u32, seqs: &[u64], attempts: u32) {
+    for &seq in seqs {
+        let pending = Pending {
+            attempts,
+            not_before_ms: 0,
+        };
+        store
+            .requeue(sub, seq, pending)
+            .await
+            .expect("the writer is running");
+    }
+    store.sync().await.expect("flushed");
+}
+
+/// Prints the mean flushes per timed iteration of a benchmark.
+fn report_flushes(name: &str, flushes: u64, iterations: u64) {
+    if iterations > 0 {
+        eprintln!(
+            "{name}: {:.2} flushes per iteration ({iterations} iterations)",
+            flushes as f64 / iterations as f64
+        );
+    }
+}
+
+fn storage(c: &mut Criterion) {
+    let mut fx = Fixture::open();
+
+    let mut group = c.benchmark_group("storage/append");
+    for n in BATCHES {
+        let (mut flushes, mut iterations) = (0, 0);
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let (ops, replies) = fx.prepare(n);
+                    let before = fx.flushes();
+                    let start = Instant::now();
+                    let messages = fx.rt.block_on(submit(&fx.store, ops, replies));
+                    timed += start.elapsed();
+                    flushes += fx.flushes() - before;
+                    iterations += 1;
+                    fx.ack(messages);
+                }
+                timed
+            })
+        });
+        report_flushes(&format!("storage/append/{n}"), flushes, iterations);
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("storage/ack");
+    for n in BATCHES {
+        let (mut flushes, mut iterations) = (0, 0);
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let messages = fx.publish(n);
+                    let before = fx.flushes();
+                    let start = Instant::now();
+                    fx.ack(messages);
+                    timed += start.elapsed();
+                    flushes += fx.flushes() - before;
+                    iterations += 1;
+                }
+                timed
+            })
+        });
+        report_flushes(&format!("storage/ack/{n}"), flushes, iterations);
+    }
+    group.finish();
+
+    // A standing backlog, requeued over and over with a rising attempt count.
+    let backlog = fx.publish(BATCHES[BATCHES.len() - 1]);
+    let seqs: Vec<u64> = backlog.iter().map(|m| m.seq).collect();
+    let mut attempts = 0;
+    let mut group = c.benchmark_group("storage/redeliver");
+    for n in BATCHES {
+        let (mut flushes, mut iterations) = (0, 0);
+        let seqs = &seqs[..n as usize];
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let before = fx.flushes();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    attempts += 1;
+                    fx.rt
+                        .block_on(requeue(&fx.store, fx.sub.id, seqs, attempts));
+                }
+                let timed = start.elapsed();
+                flushes += fx.flushes() - before;
+                iterations += iters;
+                timed
+            })
+        });
+        report_flushes(&format!("storage/redeliver/{n}"), flushes, iterations);
+    }
+    group.finish();
+
+    let rows = fx
+        .store
+        .scan_pending(&fx.sub, 0, u64::MAX, seqs.len() + 1)
+        .expect("readable");
+    assert_eq!(rows.len(), seqs.len(), "only the backlog is left pending");
+    assert!(rows
+        .iter()
+        .all(|(_, pending, _)| pending.attempts == attempts));
+    fx.ack(backlog);
+    fx.close();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5))
+        .sample_size(10);
+    targets = storage
+}
+criterion_main!(benches);
