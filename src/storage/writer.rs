@@ -64,6 +64,8 @@ struct Group {
     committed: HashMap<u32, u64>,
     woken: HashMap<u32, Arc<SubState>>,
     deltas: HashMap<u32, (Arc<SubState>, i64, i64)>,
+    /// Next sequence of each topic that took one, written once per group.
+    next_seqs: HashMap<u32, u64>,
     /// Dedup values written earlier in this batch (read-your-writes).
     dedup_values: HashMap<Vec<u8>, Vec<u8>>,
     publishes: u64,
@@ -117,6 +119,7 @@ impl Writer {
             stats,
             failed: failure.clone(),
             synced_blobs: HashSet::new(),
+            blobs_listed_at: None,
         };
         // Room for one group being flushed and one more waiting: beyond that
         // the writer waits, and ops pile up into bigger groups meanwhile.
@@ -323,7 +326,8 @@ impl Writer {
         let next = self.next_seq.entry(topic).or_insert(1);
         let seq = *next;
         *next += 1;
-        group.put(&keys::next_seq(topic), &(seq + 1).to_be_bytes());
+        group.next_seqs.insert(topic, seq + 1);
+        group.writes += 1;
         if !targets.is_empty() {
             group.put(
                 &keys::message(topic, seq),
@@ -599,10 +603,14 @@ impl Writer {
             committed,
             woken,
             deltas,
+            next_seqs,
             publishes,
             writes,
             ..
         } = group;
+        for (topic, next) in next_seqs {
+            batch.insert(&keys::next_seq(topic), &next.to_be_bytes());
+        }
         let mut counts = Vec::with_capacity(deltas.len());
         for (sub, depth, dead) in deltas.into_values() {
             let (old_depth, old_dead) = self.counts(&sub);

@@ -63,7 +63,13 @@ pub(super) struct Flusher {
     pub stats: Arc<FlushStats>,
     pub failed: Failure,
     pub synced_blobs: HashSet<std::ffi::OsString>,
+    /// Modification time of `blobs/` when it was last listed in full.
+    pub blobs_listed_at: Option<std::time::SystemTime>,
 }
+
+/// How old the `blobs/` folder's modification time must be when a listing
+/// begins for an unchanged time to mean, later, that no file came or went.
+const BLOB_DIR_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Flusher {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Applied>) {
@@ -121,8 +127,25 @@ impl Flusher {
 
     /// sled writes values too large for its log segments to `blobs/` without
     /// syncing them: fsync every blob file not yet synced, then the folder.
+    ///
+    /// Listing the folder costs an open and two getdents per flush, so it is
+    /// skipped while the folder's modification time is the one seen at the
+    /// last full listing: every file created or removed there sets it. That
+    /// time comes from a coarse clock, so a later change within the same
+    /// tick would leave it unchanged; a listing therefore only counts when
+    /// the time it saw was already [`BLOB_DIR_SETTLE`] old when it began.
     fn sync_new_blobs(&mut self) -> Result<(), StorageError> {
         let dir = self.dir.join("blobs");
+        let modified = match std::fs::metadata(&dir) {
+            Ok(meta) => meta.modified().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => None,
+        };
+        if modified.is_some() && modified == self.blobs_listed_at {
+            return Ok(());
+        }
+        let listing_began = std::time::SystemTime::now();
+        self.blobs_listed_at = None;
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -151,8 +174,16 @@ impl Flusher {
         if synced_any {
             std::fs::File::open(&dir)
                 .and_then(|f| f.sync_all())
-                .map_err(|source| StorageError::Io { path: dir, source })?;
+                .map_err(|source| StorageError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
         }
+        self.blobs_listed_at = modified.filter(|m| {
+            listing_began
+                .duration_since(*m)
+                .is_ok_and(|age| age >= BLOB_DIR_SETTLE)
+        });
         Ok(())
     }
 }
@@ -187,5 +218,78 @@ fn answer(group: Applied, result: &Result<(), StorageError>) {
                 let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn flusher(dir: &std::path::Path) -> Flusher {
+        let db = sled::Config::new().path(dir.join("store")).open().unwrap();
+        Flusher {
+            db,
+            dir: dir.to_path_buf(),
+            db_file: std::fs::File::open(dir.join("store").join("db")).unwrap(),
+            stats: Arc::default(),
+            failed: Failure::default(),
+            synced_blobs: HashSet::new(),
+            blobs_listed_at: None,
+        }
+    }
+
+    fn set_mtime(dir: &std::path::Path, at: SystemTime) {
+        std::fs::File::open(dir).unwrap().set_modified(at).unwrap();
+    }
+
+    fn synced(f: &Flusher) -> Vec<String> {
+        let mut names: Vec<String> = f
+            .synced_blobs
+            .iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn blob_folder_is_listed_until_its_time_has_settled_then_only_when_it_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = flusher(tmp.path());
+        let blobs = tmp.path().join("blobs");
+        // No folder: nothing to do.
+        f.sync_new_blobs().unwrap();
+        std::fs::create_dir(&blobs).unwrap();
+        std::fs::write(blobs.join("1"), b"x").unwrap();
+        f.sync_new_blobs().unwrap();
+        assert_eq!(synced(&f), ["1"]);
+        // A fresh modification time is not trusted: the next flush lists again.
+        assert_eq!(f.blobs_listed_at, None);
+        std::fs::write(blobs.join("2"), b"x").unwrap();
+        f.sync_new_blobs().unwrap();
+        assert_eq!(synced(&f), ["1", "2"]);
+
+        // Settled: a listing records the time, and an unchanged time skips it.
+        let old = SystemTime::now() - Duration::from_secs(10);
+        set_mtime(&blobs, old);
+        f.sync_new_blobs().unwrap();
+        assert_eq!(f.blobs_listed_at, Some(old));
+        std::fs::write(blobs.join("3"), b"x").unwrap();
+        set_mtime(&blobs, old); // as if created within the same clock tick
+        f.sync_new_blobs().unwrap();
+        assert_eq!(
+            synced(&f),
+            ["1", "2"],
+            "an unchanged time skips the listing"
+        );
+
+        // Any change to the time lists again and syncs what is new.
+        set_mtime(&blobs, old + Duration::from_secs(1));
+        f.sync_new_blobs().unwrap();
+        assert_eq!(synced(&f), ["1", "2", "3"]);
+        std::fs::remove_file(blobs.join("1")).unwrap();
+        f.sync_new_blobs().unwrap();
+        assert_eq!(synced(&f), ["2", "3"]);
     }
 }
