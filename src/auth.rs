@@ -2,7 +2,9 @@
 //!
 //! The caller's agency comes only from its client certificate, resolved once
 //! per connection by [`crate::tls`] and attached to every request as a
-//! [`PeerInfo`]. Nothing a client sends in a request can change it.
+//! [`PeerInfo`] (or, on a loopback-only plaintext listener kept for measuring
+//! TLS cost, from `[tls] insecure_plaintext_agency`). Nothing a client sends
+//! in a request can change it.
 
 use crate::config::glob_match;
 use crate::tls::{IdentityError, PeerInfo};
