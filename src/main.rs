@@ -427,17 +427,15 @@ async fn serve(config_path: Option<&Path>) -> ExitCode {
     match joinery::run_with(Arc::new(config), listener, ops, joinery::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "error: {}",
-                anyhow::Error::from(e)
-                    .chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
+            eprintln!("error: {}", error_chain(e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and each of its causes, on one line.
+fn error_chain(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::from(e))
 }
 
 /// Creates the development PKI the default config points at, and says so.
@@ -639,12 +637,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
+            let text = error_chain(e);
             eprintln!("error: {text}");
             println!("{}", spec.error_line(&text));
             ExitCode::FAILURE

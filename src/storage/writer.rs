@@ -642,13 +642,8 @@ impl Writer {
         if let Err(e) = result {
             error!(cause = %e, "group commit failed; publishes are refused until restart");
             let reason = e.to_string();
-            self.failed.get_or_insert_with(|| reason.clone());
-            for (reply, _) in applied.replies {
-                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-            }
-            for reply in applied.syncs {
-                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-            }
+            applied.refuse(&reason);
+            self.failed.get_or_insert(reason);
             return;
         }
         for (sub, depth, dead) in &applied.counts {
@@ -661,13 +656,8 @@ impl Writer {
         if let Err(applied) = sent {
             // The flusher is gone: nothing more can be made durable.
             let reason = "the flusher thread stopped".to_string();
-            self.failed.get_or_insert_with(|| reason.clone());
-            for (reply, _) in applied.replies {
-                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-            }
-            for reply in applied.syncs {
-                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-            }
+            applied.refuse(&reason);
+            self.failed.get_or_insert(reason);
         }
     }
 }

@@ -38,6 +38,19 @@ pub(super) struct Applied {
     pub needs_flush: bool,
 }
 
+impl Applied {
+    /// Answers every publish and sync of the group with `reason`: nothing of
+    /// it is durable.
+    pub(super) fn refuse(self, reason: &str) {
+        for (reply, _) in self.replies {
+            let _ = reply.send(Err(StorageError::Unavailable(reason.to_string())));
+        }
+        for reply in self.syncs {
+            let _ = reply.send(Err(StorageError::Unavailable(reason.to_string())));
+        }
+    }
+}
+
 /// The first storage failure, shared by the writer and the flusher.
 pub(super) type Failure = Arc<Mutex<Option<String>>>;
 
@@ -209,15 +222,7 @@ fn answer(group: Applied, result: &Result<(), StorageError>) {
                 sub.notify.notify_one();
             }
         }
-        Err(e) => {
-            let reason = e.to_string();
-            for (reply, _) in group.replies {
-                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-            }
-            for reply in group.syncs {
-                let _ = reply.send(Err(StorageError::Unavailable(reason.clone())));
-            }
-        }
+        Err(e) => group.refuse(&e.to_string()),
     }
 }
 
