@@ -12,16 +12,18 @@
 //! dir, on disk) and the runtime are set up outside the timed loops. Run
 //! with `cargo bench --bench audit` (add `-- --quick` for a fast estimate).
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use common::AUDIT_RETENTION as RETENTION;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use joinery::audit::{AuditEvent, Chain, EventKind};
-use joinery::storage::{now_ms, Store, StoreOptions};
+use joinery::storage::now_ms;
 
 /// Records per timed iteration of `audit/append`.
 const BATCHES: [u64; 3] = [1, 64, 512];
-const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A publish as the writer records it: every message field filled in.
 fn publish_event(sequence: u64) -> AuditEvent {
@@ -74,23 +76,7 @@ fn record_hash(c: &mut Criterion) {
 }
 
 fn append(c: &mut Criterion) {
-    let dir = tempfile::Builder::new()
-        .prefix("joinery-bench-audit-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .expect("a temporary directory");
-    let store = Store::open(
-        dir.path(),
-        StoreOptions {
-            cache_capacity: 64 << 20,
-            dedup_window: Duration::from_secs(24 * 3600),
-            max_batch: 4096,
-            audit_retention: Some(RETENTION),
-            reports: Vec::new(),
-        },
-        &[],
-        &[],
-    )
-    .expect("the store opens");
+    let (dir, store) = common::open_store("joinery-bench-audit-", &[], &[]);
     assert!(store.audit_enabled());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

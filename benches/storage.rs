@@ -19,6 +19,8 @@
 //! Run with `cargo bench --bench storage` (add `-- --quick` for a fast
 //! estimate).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +28,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use joinery::proto::{Envelope, Marking};
 use joinery::storage::{
-    keys, now_ms, Outcome, Pending, PublishOp, Published, StorageError, Store, StoreOptions,
-    StoredMessage, SubState, TopicState,
+    keys, now_ms, Outcome, Pending, PublishOp, Published, StorageError, Store, StoredMessage,
+    SubState, TopicState,
 };
 use prost::Message;
 use tokio::runtime::Runtime;
@@ -62,23 +64,11 @@ struct Fixture {
 impl Fixture {
     /// Opens the store with the broker's default settings.
     fn open() -> Fixture {
-        let dir = tempfile::Builder::new()
-            .prefix("joinery-bench-storage-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .expect("a temporary directory");
-        let store = Store::open(
-            dir.path(),
-            StoreOptions {
-                cache_capacity: 64 << 20,
-                dedup_window: Duration::from_secs(24 * 3600),
-                max_batch: 4096,
-                audit_retention: Some(Duration::from_secs(30 * 24 * 3600)),
-                reports: Vec::new(),
-            },
+        let (dir, store) = common::open_store(
+            "joinery-bench-storage-",
             &[TOPIC.to_string()],
             &[(SUBSCRIPTION.to_string(), TOPIC.to_string())],
-        )
-        .expect("the store opens");
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
