@@ -126,15 +126,19 @@ async fn audit_chain_verifies_after_a_busy_run_and_records_everything() {
     assert_eq!(stdout.lines().count(), all.len());
 }
 
-/// Rewrites one stored audit record with `edit`, bypassing the broker.
+/// Rewrites one stored audit record with `edit` (or, when it returns false,
+/// takes it out of its block), bypassing the broker.
 fn tamper(data: &Path, seq: u64, edit: impl FnOnce(&mut Vec<u8>) -> bool) {
+    use joinery::audit::blocks;
     let db = joinery::storage::open_existing(data).unwrap();
-    let key = joinery::storage::keys::audit(seq);
-    let mut value = db.get(key).unwrap().expect("record exists").to_vec();
-    if edit(&mut value) {
-        db.insert(key, value).unwrap();
-    } else {
+    let (key, mut records, at) = blocks::block_of(&db, seq).unwrap().expect("record exists");
+    if !edit(&mut records[at]) {
+        records.remove(at);
+    }
+    if records.is_empty() {
         db.remove(key).unwrap();
+    } else {
+        db.insert(key, blocks::encode_block(&records)).unwrap();
     }
     db.flush().unwrap();
 }

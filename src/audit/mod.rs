@@ -7,9 +7,10 @@
 //! acknowledged only once its audit record is durable too.
 //!
 //! # Records and the chain
-//! Record `n` is stored under `a n` (big-endian) as its prost encoding
-//! ([`AuditRecord`]) followed by the 32-byte SHA-256 of that encoding. Each
-//! record holds the hash of the record before it (`prev_hash`), so:
+//! Record `n` is stored as its prost encoding ([`AuditRecord`]) followed by
+//! the 32-byte SHA-256 of that encoding, in a block of consecutive records
+//! ([`blocks`]). Each record holds the hash of the record before it
+//! (`prev_hash`), so:
 //! - changing any byte of a record changes its hash (caught at that record);
 //! - re-hashing an edited record breaks the next record's `prev_hash`;
 //! - removing a record leaves a gap in the sequence numbers and a broken link.
@@ -23,6 +24,7 @@
 //! pruned one, so verification starts from the anchor and the rest of the
 //! chain stays verifiable.
 
+pub mod blocks;
 pub mod cli;
 
 use std::sync::Arc;
@@ -206,20 +208,13 @@ impl Chain {
     /// Loads the head from the tree (the last record, else the anchor, else genesis).
     pub fn load(tree: &sled::Db, retention: std::time::Duration) -> Result<Chain, AuditError> {
         let retention_ms = retention.as_millis() as u64;
-        if let Some(item) = tree.scan_prefix([keys::AUDIT]).next_back() {
-            let (key, value) = item?;
-            let seq = keys::be_u64(key.get(1..).unwrap_or_default()).ok_or(AuditError::Broken {
-                seq: 0,
-                problem: "unreadable key".into(),
+        if let Some(last) = blocks::last(tree)? {
+            let hash = last.split().map(|(_, h)| h).ok_or(AuditError::Broken {
+                seq: last.seq,
+                problem: "shorter than its hash".into(),
             })?;
-            let hash = split(&value)
-                .map(|(_, h)| h)
-                .ok_or_else(|| AuditError::Broken {
-                    seq,
-                    problem: "shorter than its hash".into(),
-                })?;
             return Ok(Chain {
-                next_seq: seq + 1,
+                next_seq: last.seq + 1,
                 last_hash: hash,
                 retention_ms,
             });
@@ -238,8 +233,9 @@ impl Chain {
         })
     }
 
-    /// The key and value of the next record; advances the head.
-    pub fn append(&mut self, event: &AuditEvent, time_ms: u64) -> ([u8; 9], Vec<u8>) {
+    /// The sequence number and stored bytes of the next record (for a
+    /// [`blocks::BlockWriter`]); advances the head.
+    pub fn append(&mut self, event: &AuditEvent, time_ms: u64) -> (u64, Vec<u8>) {
         let record = AuditRecord {
             seq: self.next_seq,
             time_ms,
@@ -259,10 +255,10 @@ impl Chain {
         let mut value = record.encode_to_vec();
         let hash = sha256(&value);
         value.extend_from_slice(&hash);
-        let key = keys::audit(self.next_seq);
+        let seq = self.next_seq;
         self.next_seq += 1;
         self.last_hash = hash;
-        (key, value)
+        (seq, value)
     }
 
     pub fn retention_ms(&self) -> u64 {
@@ -291,7 +287,8 @@ pub fn read_anchor(tree: &sled::Db) -> Result<Option<AuditAnchor>, AuditError> {
 }
 
 /// Records older than the retention, to prune: keys to delete and the new
-/// anchor. At most `limit` records per call.
+/// anchor. Whole blocks only (a block goes once its last record is older
+/// than `cutoff_ms`), about `limit` records per call.
 pub fn prune_plan(
     tree: &sled::Db,
     cutoff_ms: u64,
@@ -299,10 +296,10 @@ pub fn prune_plan(
 ) -> Result<Option<(Vec<sled::IVec>, AuditAnchor)>, AuditError> {
     let mut doomed = Vec::new();
     let mut last: Option<(u64, [u8; HASH_LEN])> = None;
-    for item in tree.scan_prefix([keys::AUDIT]).take(limit) {
-        let (key, value) = item?;
-        let seq = keys::be_u64(key.get(1..).unwrap_or_default()).unwrap_or(0);
-        let Some((body, hash)) = split(&value) else {
+    let mut seen = 0;
+    for stored in blocks::Records::new(tree) {
+        let stored = stored?;
+        let Some((body, hash)) = stored.split() else {
             break;
         };
         let Ok(record) = AuditRecord::decode(body) else {
@@ -311,8 +308,14 @@ pub fn prune_plan(
         if record.time_ms >= cutoff_ms {
             break;
         }
-        doomed.push(key);
-        last = Some((seq, hash));
+        seen += 1;
+        if stored.last_in_block {
+            doomed.push(stored.key.clone());
+            last = Some((stored.seq, hash));
+            if seen >= limit {
+                break;
+            }
+        }
     }
     Ok(last.map(|(seq, hash)| {
         (
@@ -351,34 +354,29 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
     let mut records = 0;
     let mut bytes = 0;
     let mut first_seq = None;
-    for item in tree.scan_prefix([keys::AUDIT]) {
-        let (key, value) = item?;
-        bytes += (key.len() + value.len()) as u64;
-        let seq = keys::be_u64(key.get(1..).unwrap_or_default()).ok_or(AuditError::Broken {
-            seq: expect_seq,
-            problem: "unreadable key".into(),
-        })?;
+    for item in blocks::Records::new(tree) {
+        let item = item?;
+        bytes += item.stored_len();
+        let seq = item.seq;
         let broken = |problem: String| AuditError::Broken { seq, problem };
         if seq != expect_seq {
             return Err(if seq > expect_seq {
-                AuditError::Broken {
-                    seq: expect_seq,
-                    problem: format!(
-                        "missing: record {} is followed by record {seq}",
-                        expect_seq.saturating_sub(1)
-                    ),
-                }
+                missing(expect_seq, seq)
             } else {
                 broken(format!("out of order: expected record {expect_seq}"))
             });
         }
-        let (body, stored) = split(&value).ok_or_else(|| broken("truncated".into()))?;
+        let (body, stored) = item.split().ok_or_else(|| broken("truncated".into()))?;
         if sha256(body) != stored {
             return Err(broken(
                 "altered: its content does not match its hash".into(),
             ));
         }
         let record = AuditRecord::decode(body).map_err(|e| broken(format!("unreadable: {e}")))?;
+        if record.seq > seq && item.key.first() == Some(&keys::AUDIT_BLOCK) {
+            // A record taken out of a block moves the ones after it up.
+            return Err(missing(seq, record.seq));
+        }
         if record.seq != seq {
             return Err(broken(format!(
                 "altered: it says it is record {}",
@@ -403,6 +401,17 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
         last_seq: first_seq.map(|_| expect_seq - 1),
         anchored_at: anchor.map(|a| a.first_seq),
     })
+}
+
+/// Record `expected` is not where it should be: `found` comes next.
+fn missing(expected: u64, found: u64) -> AuditError {
+    AuditError::Broken {
+        seq: expected,
+        problem: format!(
+            "missing: record {} is followed by record {found}",
+            expected.saturating_sub(1)
+        ),
+    }
 }
 
 /// A record as exported (JSON lines).
@@ -454,10 +463,14 @@ pub fn export(
     mut sink: impl FnMut(Exported) -> std::io::Result<()>,
 ) -> Result<u64, ExportError> {
     let mut n = 0;
-    for item in tree.scan_prefix([keys::AUDIT]) {
-        let (key, value) = item?;
-        let seq = keys::be_u64(key.get(1..).unwrap_or_default()).unwrap_or(0);
-        let (body, hash) = split(&value).ok_or(ExportError::Unreadable(seq))?;
+    for item in blocks::Records::new(tree) {
+        let item = item.map_err(|e| match e {
+            AuditError::Storage(e) => ExportError::Storage(e),
+            AuditError::Broken { seq, .. } => ExportError::Unreadable(seq),
+            AuditError::Anchor => ExportError::Unreadable(0),
+        })?;
+        let seq = item.seq;
+        let (body, hash) = item.split().ok_or(ExportError::Unreadable(seq))?;
         let r = AuditRecord::decode(body).map_err(|_| ExportError::Unreadable(seq))?;
         if r.time_ms < since_ms || agency.is_some_and(|a| a != r.agency) {
             continue;
@@ -508,9 +521,23 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Appends one record in a block of its own.
     fn append(db: &sled::Db, chain: &mut Chain, time_ms: u64) {
-        let (key, value) = chain.append(&AuditEvent::new(EventKind::Publish, "police"), time_ms);
-        db.insert(key, value).unwrap();
+        let (seq, value) = chain.append(&AuditEvent::new(EventKind::Publish, "police"), time_ms);
+        db.insert(keys::audit_block(seq), blocks::encode_block(&[value]))
+            .unwrap();
+    }
+
+    /// Appends `n` records as one block.
+    fn append_block(db: &sled::Db, chain: &mut Chain, time_ms: u64, n: usize) {
+        let mut w = blocks::BlockWriter::default();
+        for _ in 0..n {
+            let (seq, value) = chain.append(&AuditEvent::new(EventKind::Ack, "council"), time_ms);
+            w.push(seq, &value);
+        }
+        for (key, value) in w.finish() {
+            db.insert(key, value).unwrap();
+        }
     }
 
     #[test]
@@ -545,7 +572,7 @@ mod tests {
         assert_eq!(verify(&db).unwrap().last_seq, Some(16));
 
         // Removing the first kept record is still caught.
-        db.remove(keys::audit(11)).unwrap();
+        db.remove(keys::audit_block(11)).unwrap();
         match verify(&db) {
             Err(AuditError::Broken { seq, .. }) => assert_eq!(seq, 11),
             other => panic!("expected record 11 broken, got {other:?}"),
@@ -558,7 +585,72 @@ mod tests {
         let v = verify(&db).unwrap();
         assert_eq!((v.records, v.first_seq), (0, None));
         let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
-        let (key, _) = chain.append(&AuditEvent::new(EventKind::Denied, "x"), 1);
-        assert_eq!(key, keys::audit(1));
+        let (seq, _) = chain.append(&AuditEvent::new(EventKind::Denied, "x"), 1);
+        assert_eq!(seq, 1);
+    }
+
+    #[test]
+    fn single_records_of_earlier_versions_chain_on_into_blocks() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let retention = Duration::from_secs(86400);
+        let mut chain = Chain::load(&db, retention).unwrap();
+        for t in 0..3 {
+            let (seq, value) =
+                chain.append(&AuditEvent::new(EventKind::Publish, "police"), 1_000 + t);
+            db.insert(keys::audit(seq), value).unwrap();
+        }
+        // A restart picks up the head from the last single record.
+        let mut chain = Chain::load(&db, retention).unwrap();
+        append_block(&db, &mut chain, 2_000, 5);
+        let v = verify(&db).unwrap();
+        assert_eq!((v.records, v.first_seq, v.last_seq), (8, Some(1), Some(8)));
+        let mut exported = Vec::new();
+        export(&db, 0, None, |r| {
+            exported.push(r.seq);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(exported, (1..=8).collect::<Vec<_>>());
+
+        // Pruning takes the singles and whole blocks only.
+        let (doomed, anchor) = prune_plan(&db, 1_500, 100).unwrap().unwrap();
+        assert_eq!((doomed.len(), anchor.first_seq), (3, 4));
+        assert!(prune_plan(&db, 1_999, 100).unwrap().unwrap().0.len() == 3);
+        let (doomed, anchor) = prune_plan(&db, 3_000, 100).unwrap().unwrap();
+        assert_eq!((doomed.len(), anchor.first_seq), (4, 9));
+    }
+
+    #[test]
+    fn a_record_taken_out_of_a_block_is_named_missing() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
+        append_block(&db, &mut chain, 1_000, 6);
+        append_block(&db, &mut chain, 1_000, 2);
+        let (key, mut records, at) = blocks::block_of(&db, 4).unwrap().unwrap();
+        assert_eq!((key.as_ref(), at), (&keys::audit_block(1)[..], 3));
+        records.remove(at);
+        db.insert(key, blocks::encode_block(&records)).unwrap();
+        match verify(&db) {
+            Err(AuditError::Broken { seq, problem }) => {
+                assert_eq!(seq, 4);
+                assert!(problem.contains("missing"), "{problem}");
+            }
+            other => panic!("expected record 4 missing, got {other:?}"),
+        }
+        // The last record of the first block: the next block shows the gap.
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
+        append_block(&db, &mut chain, 1_000, 3);
+        append_block(&db, &mut chain, 1_000, 3);
+        let (key, mut records, at) = blocks::block_of(&db, 3).unwrap().unwrap();
+        records.remove(at);
+        db.insert(key, blocks::encode_block(&records)).unwrap();
+        match verify(&db) {
+            Err(AuditError::Broken { seq, problem }) => {
+                assert_eq!(seq, 3);
+                assert!(problem.contains("missing"), "{problem}");
+            }
+            other => panic!("expected record 3 missing, got {other:?}"),
+        }
     }
 }

@@ -22,8 +22,10 @@ pub const NEXT_SEQ: u8 = b's';
 pub const COUNTERS: u8 = b'k';
 /// Name registry: `n t <topic name>` → topic(4); `n s <subscription name>` → sub(4) topic(4).
 pub const NAME: u8 = b'n';
-/// Audit record: `a seq(8)` → record and its hash (see [`crate::audit`]).
+/// Audit record of earlier versions: `a seq(8)` → record and its hash.
 pub const AUDIT: u8 = b'a';
+/// Audit block: `b first_seq(8)` → consecutive records (see [`crate::audit::blocks`]).
+pub const AUDIT_BLOCK: u8 = b'b';
 /// Audit anchor left by pruning: `A` → [`crate::audit::AuditAnchor`].
 pub const AUDIT_ANCHOR: &[u8] = b"A";
 /// Registered schema package: `R <package>` → [`crate::schema::StoredPackage`].
@@ -49,6 +51,12 @@ pub fn audit(seq: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = AUDIT;
     key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn audit_block(first_seq: u64) -> [u8; 9] {
+    let mut key = audit(first_seq);
+    key[0] = AUDIT_BLOCK;
     key
 }
 

@@ -68,6 +68,8 @@ struct Group {
     next_seqs: HashMap<u32, u64>,
     /// Dedup values written earlier in this batch (read-your-writes).
     dedup_values: HashMap<Vec<u8>, Vec<u8>>,
+    /// Audit records of the group, in blocks.
+    audit: audit::blocks::BlockWriter,
     publishes: u64,
     writes: usize,
 }
@@ -504,8 +506,9 @@ impl Writer {
     /// Appends an audit record to the group (when the audit log is on).
     fn record(&mut self, group: &mut Group, event: &AuditEvent, now: u64) {
         if let Some(chain) = self.audit.as_mut() {
-            let (key, value) = chain.append(event, now);
-            group.put(&key, &value);
+            let (seq, value) = chain.append(event, now);
+            group.audit.push(seq, &value);
+            group.writes += 1;
         }
     }
 
@@ -606,8 +609,12 @@ impl Writer {
             next_seqs,
             publishes,
             writes,
+            audit,
             ..
         } = group;
+        for (key, value) in audit.finish() {
+            batch.insert(&key, value);
+        }
         for (topic, next) in next_seqs {
             batch.insert(&keys::next_seq(topic), &next.to_be_bytes());
         }
