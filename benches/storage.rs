@@ -133,6 +133,8 @@ impl Fixture {
                     message_id: message_id.clone(),
                     message_type: MESSAGE_TYPE.into(),
                     envelope: Bytes::from(envelope.clone()),
+                    // As the broker stores it: expiry from the topic's retention.
+                    expiry_by_order: true,
                 },
             ));
             ops.push(PublishOp {
@@ -141,6 +143,7 @@ impl Fixture {
                 dedup_key: Some(keys::dedup(self.topic.id, SENDER, &message_id)),
                 publish_ms,
                 expires_ms,
+                expiry_by_order: true,
                 sender: SENDER.into(),
                 message_id,
                 message_type: MESSAGE_TYPE.into(),

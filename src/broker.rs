@@ -439,6 +439,7 @@ impl Broker {
                 dedup_key,
                 publish_ms: now,
                 expires_ms,
+                expiry_by_order: expiry_is_retention(topic.config.retention, now, expires_ms),
                 sender: caller.to_string(),
                 message_id: message_id.clone(),
                 message_type: envelope.message_type.clone(),
@@ -752,6 +753,12 @@ fn effective_expiry(envelope: &Envelope, retention: Option<Duration>, now: u64) 
         (Some(a), Some(b)) => a.min(b),
         (a, b) => a.or(b).unwrap_or(0),
     }
+}
+
+/// The expiry is exactly the topic's retention (not an earlier `expires_at`).
+fn expiry_is_retention(retention: Option<Duration>, now: u64, expires_ms: u64) -> bool {
+    retention
+        .is_some_and(|r| expires_ms != 0 && expires_ms == now.saturating_add(r.as_millis() as u64))
 }
 
 fn timestamp_ms(ts: &prost_types::Timestamp) -> Option<u64> {

@@ -287,6 +287,64 @@ async fn expired_messages_are_dead_lettered_and_never_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_retention_expires_messages_nobody_consumed() {
+    // Retention-expiry has no index entry: the sweep walks the topic in order.
+    let body = BODY.replace(
+        "subscribers = [\"council\", \"fire\"]\n",
+        "subscribers = [\"council\", \"fire\"]\nretention = \"1s\"\n",
+    );
+    assert!(body.contains("retention = \"1s\""));
+    let broker = TestBroker::start(&body).await;
+    let mut police = broker.client("police").await;
+    let mut early = envelope("expires_at before the retention");
+    early.expires_at = Some((std::time::SystemTime::now() + Duration::from_millis(500)).into());
+    for env in [envelope("old 1"), early, envelope("old 2")] {
+        publish(&mut police, env).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    publish(&mut police, envelope("fresh")).await.unwrap();
+
+    let mut council = broker.client("council").await;
+    let mut c = TestConsumer::open(&mut council, "council.inbox", 10)
+        .await
+        .unwrap();
+    let d = c.next(WAIT).await.unwrap();
+    assert_eq!(payload_of(&d), "fresh");
+    c.ack(vec![d.delivery_id]).await;
+    assert!(c.next(QUIET).await.is_none());
+    c.close().await;
+
+    let config = broker.config.clone();
+    let data = broker.data_dir();
+    let (_tmp, _pki) = broker.stop().await;
+    let store = open_store(&data, &config);
+    for name in ["council.inbox", "fire.inbox"] {
+        let sub = store.subscription(name).unwrap();
+        let dead = store.dead_letters(&sub, 10).unwrap();
+        let seqs: Vec<u64> = dead.iter().map(|d| d.message.seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "{name}");
+        assert!(
+            dead.iter().all(|d| d.reason == DeadReason::Expired),
+            "{name}"
+        );
+    }
+    // Every copy of the expired messages is gone, and no expiry entry is left.
+    let topic = store.topic(TOPIC).unwrap();
+    for seq in 1..=3 {
+        assert!(store.load_message(topic.id, seq).unwrap().is_none());
+    }
+    // (Delivery reports to the senders keep theirs: they expire by expires_at.)
+    let expiry_entries = store
+        .db()
+        .scan_prefix([joinery::storage::keys::EXPIRY])
+        .filter_map(|kv| joinery::storage::keys::parse_expiry(&kv.unwrap().0))
+        .filter(|(_, t, _)| *t == topic.id)
+        .count();
+    assert_eq!(expiry_entries, 0);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn republishing_a_message_id_returns_the_original_sequence() {
     let broker = TestBroker::start(BODY).await;
     let mut police = broker.client("police").await;

@@ -14,7 +14,10 @@ pub const DEAD: u8 = b'd';
 pub const DEDUP: u8 = b'i';
 /// Dedup expiry index: `w publish_ms(8) <dedup key>` → empty.
 pub const DEDUP_BY_TIME: u8 = b'w';
-/// Message expiry index: `x expires_ms(8) topic(4) seq(8)` → empty.
+/// Message expiry index: `x expires_ms(8) topic(4) seq(8)` → empty. Only for
+/// expiries earlier than the topic's retention (an envelope's `expires_at`,
+/// delivery reports, redriven messages); retention expiry is found by
+/// walking the topic's messages in sequence order.
 pub const EXPIRY: u8 = b'x';
 /// Next sequence of a topic: `s topic(4)` → seq(8).
 pub const NEXT_SEQ: u8 = b's';

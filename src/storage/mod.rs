@@ -12,6 +12,15 @@
 //! Keys are big-endian, so a subscription's pending entries iterate in
 //! publish order and the expiry index in time order.
 //!
+//! Expiry: a message whose expiry is its topic's retention (most of them)
+//! has no expiry-index entry; the sweep walks each topic's messages in
+//! sequence order, where expiry times only grow. Earlier expiries (an
+//! envelope's `expires_at`) are in the expiry index (`x`).
+//!
+//! Audit records go in blocks of consecutive records, one tree key per
+//! block ([`crate::audit::blocks`]): sled rewrites a tree node on every
+//! insert, so the fewer keys a message costs, the faster the writer.
+//!
 //! Depth and dead-letter counts are kept per subscription (`k sub`), updated in
 //! the same batch as the entries they count, never computed by scanning.
 //!
@@ -201,6 +210,10 @@ pub struct PublishOp {
     pub dedup_key: Option<Vec<u8>>,
     pub publish_ms: u64,
     pub expires_ms: u64,
+    /// `expires_ms` is `publish_ms` plus the topic's retention: the message
+    /// needs no expiry-index entry (the sweep walks each topic in sequence
+    /// order for these, as later sequences expire no earlier).
+    pub expiry_by_order: bool,
     /// The publishing agency (for the audit log).
     pub sender: String,
     pub message_id: String,
@@ -818,6 +831,17 @@ mod tests {
     }
 
     async fn publish(store: &Store, topic: &str, targets: &[&str], body: &[u8]) -> u64 {
+        publish_expiring(store, topic, targets, body, 0, false).await
+    }
+
+    async fn publish_expiring(
+        store: &Store,
+        topic: &str,
+        targets: &[&str],
+        body: &[u8],
+        expires_ms: u64,
+        expiry_by_order: bool,
+    ) -> u64 {
         let (reply, rx) = oneshot::channel();
         store
             .publish(PublishOp {
@@ -828,7 +852,8 @@ mod tests {
                     .collect(),
                 dedup_key: None,
                 publish_ms: now_ms(),
-                expires_ms: 0,
+                expires_ms,
+                expiry_by_order,
                 sender: "police".into(),
                 message_id: "m".into(),
                 message_type: "t.T".into(),
@@ -888,6 +913,95 @@ mod tests {
             .unwrap();
         store.sync().await.unwrap();
         assert_eq!(sub.depth(), 0);
+        store.close().await.unwrap();
+    }
+
+    fn expired_seqs(store: &Store, sub: &str) -> Vec<u64> {
+        let mut seqs: Vec<u64> = store
+            .subscription(sub)
+            .unwrap()
+            .take_expired()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        seqs.sort();
+        seqs
+    }
+
+    fn expiry_entries(store: &Store) -> usize {
+        store.db().scan_prefix([keys::EXPIRY]).count()
+    }
+
+    #[tokio::test]
+    async fn retention_expiry_is_found_in_sequence_order_without_index_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let now = now_ms();
+        let hour = 3_600_000;
+        let by_order = |body: &'static [u8], targets: &'static [&'static str], at: u64| {
+            let store = store.clone();
+            async move { publish_expiring(&store, "t", targets, body, at, true).await }
+        };
+        let s1 = by_order(b"retention, expired", &["a", "b"], now - 10).await;
+        let s2 =
+            publish_expiring(&store, "t", &["a"], b"expires_at, expired", now - 5, false).await;
+        let s3 = by_order(b"retention, not yet", &["a"], now + hour).await;
+        let _s4 = by_order(b"clock stepped back", &["a"], now - 1).await;
+        let _s5 = publish(&store, "t", &["a"], b"never").await;
+        // Only the expires_at message has an expiry-index entry.
+        assert_eq!(expiry_entries(&store), 1);
+
+        store.tick();
+        store.sync().await.unwrap();
+        assert_eq!(expired_seqs(&store, "a"), [s1, s2]);
+        assert_eq!(expired_seqs(&store, "b"), [s1]);
+        // The walk stopped at s3: a second sweep reports nothing new, and s4
+        // waits behind it (it is never delivered meanwhile: dispatchers check).
+        store.tick();
+        store.sync().await.unwrap();
+        assert!(expired_seqs(&store, "a").is_empty());
+
+        // Settling releases the copies; only s2 had an index entry to remove.
+        let topic = store.topic("t").unwrap();
+        for (sub, seq) in [("a", s1), ("b", s1), ("a", s2)] {
+            let message = store.load_message(topic.id, seq).unwrap().unwrap();
+            let outcome = Outcome::DeadLetter {
+                reason: DeadReason::Expired,
+                attempts: 0,
+            };
+            store
+                .settle(
+                    store.subscription(sub).unwrap(),
+                    topic.clone(),
+                    message,
+                    outcome,
+                    "council".into(),
+                )
+                .await
+                .unwrap();
+        }
+        store.sync().await.unwrap();
+        assert!(store.load_message(topic.id, s1).unwrap().is_none());
+        assert!(store.load_message(topic.id, s2).unwrap().is_none());
+        assert_eq!(expiry_entries(&store), 0);
+        assert!(
+            store
+                .load_message(topic.id, s3)
+                .unwrap()
+                .unwrap()
+                .expiry_by_order
+        );
+
+        // After a restart the walk starts again from the oldest message.
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(tmp.path());
+        store.tick();
+        store.sync().await.unwrap();
+        assert!(
+            expired_seqs(&store, "a").is_empty(),
+            "s3 still holds the walk"
+        );
         store.close().await.unwrap();
     }
 

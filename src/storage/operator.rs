@@ -195,6 +195,7 @@ mod tests {
                 dedup_key: None,
                 publish_ms: now_ms(),
                 expires_ms: 0,
+                expiry_by_order: false,
                 sender: "police".into(),
                 message_id: "m".into(),
                 message_type: "t.T".into(),

@@ -8,6 +8,10 @@ use bytes::Bytes;
 use super::StorageError;
 
 const FORMAT_V1: u8 = 1;
+/// A message whose expiry came from its topic's retention: it has no
+/// expiry-index entry, the sweep finds it by walking the topic in sequence
+/// order (see the writer's sweep). Otherwise laid out as [`FORMAT_V1`].
+const FORMAT_BY_ORDER: u8 = 2;
 
 /// One published message, stored once per topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +28,8 @@ pub struct StoredMessage {
     pub message_type: String,
     /// The encoded `joinery.v1.Envelope`, with `sender` and `message_id` set.
     pub envelope: Bytes,
+    /// Its expiry is the topic's retention and it has no expiry-index entry.
+    pub expiry_by_order: bool,
 }
 
 /// The header fields of a message as written by a publish.
@@ -34,6 +40,8 @@ pub struct MessageHeader<'a> {
     pub digest: &'a [u8; 32],
     pub message_id: &'a str,
     pub message_type: &'a str,
+    /// The expiry is the topic's retention: no expiry-index entry is kept.
+    pub expiry_by_order: bool,
 }
 
 impl StoredMessage {
@@ -44,7 +52,8 @@ impl StoredMessage {
         let id = clip(header.message_id);
         let ty = clip(header.message_type);
         let mut out = Vec::with_capacity(Self::FIXED + id.len() + ty.len() + envelope.len());
-        out.push(FORMAT_V1);
+        let by_order = header.expiry_by_order && header.expires_ms != 0;
+        out.push(if by_order { FORMAT_BY_ORDER } else { FORMAT_V1 });
         out.extend_from_slice(&header.publish_ms.to_be_bytes());
         out.extend_from_slice(&header.expires_ms.to_be_bytes());
         out.extend_from_slice(header.digest);
@@ -60,9 +69,11 @@ impl StoredMessage {
         let corrupt = || StorageError::Corrupt {
             what: format!("message {seq} of topic id {topic}"),
         };
-        if value.first() != Some(&FORMAT_V1) {
-            return Err(corrupt());
-        }
+        let expiry_by_order = match value.first() {
+            Some(&FORMAT_V1) => false,
+            Some(&FORMAT_BY_ORDER) => true,
+            _ => return Err(corrupt()),
+        };
         let mut r = Reader { buf: value, at: 1 };
         let publish_ms = r.u64().ok_or_else(corrupt)?;
         let expires_ms = r.u64().ok_or_else(corrupt)?;
@@ -81,6 +92,7 @@ impl StoredMessage {
             message_id,
             message_type,
             envelope: Bytes::copy_from_slice(r.rest()),
+            expiry_by_order,
         })
     }
 
@@ -96,6 +108,7 @@ impl StoredMessage {
             message_id: String::new(),
             message_type: String::new(),
             envelope: Bytes::new(),
+            expiry_by_order: false,
         }
     }
 
@@ -105,10 +118,29 @@ impl StoredMessage {
 
     /// The expiry time in an encoded value, read without decoding the rest.
     pub fn expires_ms_of(value: &[u8]) -> Option<u64> {
-        if value.first() != Some(&FORMAT_V1) {
+        if !matches!(value.first(), Some(&FORMAT_V1 | &FORMAT_BY_ORDER)) {
             return None;
         }
         super::keys::be_u64(value.get(9..17)?)
+    }
+
+    /// Whether an encoded value's expiry comes from its topic's retention
+    /// (no expiry-index entry).
+    pub fn expiry_by_order_of(value: &[u8]) -> bool {
+        value.first() == Some(&FORMAT_BY_ORDER)
+    }
+
+    /// The expiry-index entry's time, if the message has one.
+    pub fn indexed_expiry(&self) -> Option<u64> {
+        (self.expires_ms != 0 && !self.expiry_by_order).then_some(self.expires_ms)
+    }
+
+    /// [`Self::indexed_expiry`] of an encoded value.
+    pub fn indexed_expiry_of(value: &[u8]) -> Option<u64> {
+        match Self::expires_ms_of(value) {
+            Some(at) if at != 0 && !Self::expiry_by_order_of(value) => Some(at),
+            _ => None,
+        }
     }
 
     pub(crate) fn header(&self) -> MessageHeader<'_> {
@@ -118,6 +150,7 @@ impl StoredMessage {
             digest: &self.digest,
             message_id: &self.message_id,
             message_type: &self.message_type,
+            expiry_by_order: self.expiry_by_order,
         }
     }
 }
@@ -287,10 +320,14 @@ mod tests {
             digest: &[7; 32],
             message_id: "id-1",
             message_type: "a.B",
+            expiry_by_order: false,
         };
         let value = StoredMessage::encode_value(header, b"env");
         let m = StoredMessage::decode(3, 4, &value).unwrap();
         assert_eq!(StoredMessage::expires_ms_of(&value), Some(20));
+        assert_eq!(StoredMessage::indexed_expiry_of(&value), Some(20));
+        assert_eq!(m.indexed_expiry(), Some(20));
+        assert!(!m.expiry_by_order);
         assert_eq!(
             (m.publish_ms, m.expires_ms, &m.envelope[..]),
             (10, 20, &b"env"[..])
@@ -324,8 +361,36 @@ mod tests {
                 message_id: "m".into(),
                 message_type: "t.T".into(),
                 envelope: Bytes::from_static(b"xyz"),
+                expiry_by_order: true,
             },
         };
         assert_eq!(DeadLetter::decode(1, 2, &d.encode()).unwrap(), d);
+    }
+
+    #[test]
+    fn a_retention_expiry_has_no_index_entry_and_reads_back() {
+        let header = MessageHeader {
+            publish_ms: 10,
+            expires_ms: 20,
+            digest: &[7; 32],
+            message_id: "id-1",
+            message_type: "a.B",
+            expiry_by_order: true,
+        };
+        let value = StoredMessage::encode_value(header, b"env");
+        let m = StoredMessage::decode(3, 4, &value).unwrap();
+        assert!(m.expiry_by_order && StoredMessage::expiry_by_order_of(&value));
+        assert_eq!(StoredMessage::expires_ms_of(&value), Some(20));
+        assert_eq!(
+            (m.indexed_expiry(), StoredMessage::indexed_expiry_of(&value)),
+            (None, None)
+        );
+        // Without an expiry there is nothing to find by order.
+        let never = MessageHeader {
+            expires_ms: 0,
+            ..header
+        };
+        let value = StoredMessage::encode_value(never, b"env");
+        assert!(!StoredMessage::expiry_by_order_of(&value));
     }
 }

@@ -46,6 +46,9 @@ pub(super) struct Writer {
     applied: HashMap<u32, (u64, u64)>,
     /// Expiry index entries before this instant have been swept.
     swept_until_ms: u64,
+    /// Per topic, the first sequence the by-order expiry sweep has not
+    /// passed yet (in memory: after a restart it starts from the oldest).
+    order_swept: HashMap<u32, u64>,
     /// Set once a write failed: sled's errors are sticky, so refuse early.
     failed: Option<String>,
     /// Head of the audit chain (None: audit log off).
@@ -144,6 +147,7 @@ impl Writer {
             failure,
             applied: HashMap::new(),
             swept_until_ms: 0,
+            order_swept: HashMap::new(),
             failed: None,
             audit,
             reports,
@@ -292,6 +296,7 @@ impl Writer {
             digest: &p.digest,
             message_id: &p.message_id,
             message_type: &p.message_type,
+            expiry_by_order: p.expiry_by_order,
         };
         let seq = self.append(group, topic, &p.targets, header, &p.envelope);
         if let Some(dedup_key) = p.dedup_key.clone() {
@@ -341,7 +346,7 @@ impl Writer {
                 group.delta(sub, 1, 0);
                 group.woken.insert(sub.id, sub.clone());
             }
-            if header.expires_ms != 0 {
+            if header.expires_ms != 0 && !header.expiry_by_order {
                 group.put(&keys::expiry(header.expires_ms, topic, seq), &[]);
             }
         }
@@ -406,6 +411,7 @@ impl Writer {
             digest: &digest,
             message_id: &message_id,
             message_type: REPORT_TYPE,
+            expiry_by_order: false,
         };
         let seq = self.append(group, report_topic.id, &[report_sub], header, &envelope);
         let mut event = AuditEvent::new(EventKind::Publish, REPORT_SENDER);
@@ -467,20 +473,21 @@ impl Writer {
                 self.report(group, message, topic, sub, &owner, reason, attempts, now);
             }
         }
-        self.release(group, sub.id, topic, seq, Some(message.expires_ms))
+        self.release(group, sub.id, topic, seq, Some(message))
     }
 
-    /// Removes the topic copy of `seq` (and its expiry entry) unless a
-    /// subscription other than `sub` still has it pending. Without
-    /// `expires_ms` it is read from the stored copy; an expiry entry left
-    /// behind is dropped by the sweep when its time comes.
+    /// Removes the topic copy of `seq` (and its expiry-index entry, if it
+    /// has one) unless a subscription other than `sub` still has it
+    /// pending. Without `known` the copy is read to find its expiry entry;
+    /// an expiry entry left behind is dropped by the sweep when its time
+    /// comes.
     fn release(
         &self,
         group: &mut Group,
         sub: u32,
         topic: &TopicState,
         seq: u64,
-        expires_ms: Option<u64>,
+        known: Option<&StoredMessage>,
     ) -> Result<(), StorageError> {
         for other in topic.subs.iter().filter(|s| s.id != sub) {
             if self.exists(group, &keys::pending(other.id, seq))? {
@@ -488,17 +495,16 @@ impl Writer {
             }
         }
         let key = keys::message(topic.id, seq);
-        let expires_ms = match expires_ms {
-            Some(at) => at,
+        let indexed_expiry = match known {
+            Some(message) => message.indexed_expiry(),
             None => self
                 .db
                 .get(key)?
-                .and_then(|v| StoredMessage::expires_ms_of(&v))
-                .unwrap_or(0),
+                .and_then(|v| StoredMessage::indexed_expiry_of(&v)),
         };
         group.del(&key);
-        if expires_ms != 0 {
-            group.del(&keys::expiry(expires_ms, topic.id, seq));
+        if let Some(at) = indexed_expiry {
+            group.del(&keys::expiry(at, topic.id, seq));
         }
         Ok(())
     }
@@ -567,6 +573,7 @@ impl Writer {
             Some(at) if count > SWEEP_LIMIT => at,
             _ => now,
         };
+        self.sweep_by_order(group, now, SWEEP_LIMIT.saturating_sub(count))?;
 
         // Dedup window: forget ids published before the window.
         let window = self.options.dedup_window.as_millis() as u64;
@@ -584,6 +591,61 @@ impl Writer {
                 }
             }
             group.del(&key);
+        }
+        Ok(())
+    }
+
+    /// Expiry from topic retention: such messages have no expiry-index
+    /// entry (two tree operations a message saved). A topic's later
+    /// sequences were published no earlier, so they expire no earlier: each
+    /// topic is walked in sequence order from where the last sweep stopped,
+    /// up to the first message not yet expired. Messages with an index
+    /// entry, or none, are stepped over. If the retention is shortened or
+    /// the clock steps back, a message can wait behind an older one for at
+    /// most that difference; a dispatcher never delivers an expired
+    /// message meanwhile.
+    fn sweep_by_order(
+        &mut self,
+        group: &mut Group,
+        now: u64,
+        mut budget: usize,
+    ) -> Result<(), StorageError> {
+        let topics: Vec<Arc<TopicState>> = self
+            .topics
+            .values()
+            .filter(|t| !t.subs.is_empty())
+            .cloned()
+            .collect();
+        for topic in topics {
+            // Only what is applied to the tree: sequences taken by this
+            // group are above every stored one and are not passed.
+            let from = self.order_swept.get(&topic.id).copied().unwrap_or(0);
+            let mut cursor = from;
+            let range = keys::message(topic.id, from)..=keys::message(topic.id, u64::MAX);
+            for item in self.db.range(range) {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
+                let (key, value) = item?;
+                let Some(seq) = keys::seq_of(&key) else {
+                    continue;
+                };
+                if StoredMessage::expiry_by_order_of(&value) {
+                    if StoredMessage::expires_ms_of(&value).is_some_and(|at| at > now) {
+                        break; // nor have any later ones
+                    }
+                    let message = Arc::new(StoredMessage::decode(topic.id, seq, &value)?);
+                    for sub in &topic.subs {
+                        if self.exists(group, &keys::pending(sub.id, seq))? {
+                            sub.push_expired(message.clone());
+                            group.woken.insert(sub.id, sub.clone());
+                        }
+                    }
+                }
+                cursor = seq + 1;
+            }
+            self.order_swept.insert(topic.id, cursor);
         }
         Ok(())
     }

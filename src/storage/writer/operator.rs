@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use super::super::operator::{PurgeOp, RedriveOp, Redriven};
-use super::super::records::{DeadLetter, Pending, StoredMessage};
+use super::super::records::{DeadLetter, MessageHeader, Pending, StoredMessage};
 use super::super::{keys, StorageError, SubState, TopicState};
 use super::{Group, Writer};
 
@@ -104,9 +104,15 @@ impl Writer {
         let message_key = keys::message(topic.id, seq);
         if !self.exists(group, &message_key)? {
             let message = &dead.message;
+            // Back under its old sequence, behind the by-order sweep's
+            // cursor: a redriven message always gets an expiry-index entry.
+            let header = MessageHeader {
+                expiry_by_order: false,
+                ..message.header()
+            };
             group.put(
                 &message_key,
-                &StoredMessage::encode_value(message.header(), &message.envelope),
+                &StoredMessage::encode_value(header, &message.envelope),
             );
             if message.expires_ms != 0 {
                 group.put(&keys::expiry(message.expires_ms, topic.id, seq), &[]);
