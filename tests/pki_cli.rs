@@ -609,8 +609,9 @@ owner = "council"
         &["revoke", &serials["police"], "--reason", "keyCompromise"],
     );
     // Publishes until the broker has reloaded the CRL (every second) and
-    // refuses the police; each attempt carries its own payload.
-    let publish_as_police = |_attempt: &str| {
+    // refuses the police. Every attempt carries the same payload, so what
+    // was accepted is checked by count below.
+    let publish_as_police = || {
         client(
             "publish",
             &addr,
@@ -629,7 +630,7 @@ owner = "council"
     let revoked_at = Instant::now();
     let mut accepted_before_reload = 0;
     loop {
-        let out = publish_as_police(&format!("attempt {accepted_before_reload}"));
+        let out = publish_as_police();
         if !out.status.success() {
             break;
         }
@@ -641,8 +642,7 @@ owner = "council"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let refused = format!("attempt {accepted_before_reload}");
-    assert!(!publish_as_police("once more").status.success());
+    assert!(!publish_as_police().status.success());
     assert!(broker.0.try_wait().unwrap().is_none(), "broker restarted?");
 
     // The council still connects, and gets only what was accepted.
@@ -664,10 +664,11 @@ owner = "council"
         "the council still connects: {}",
         String::from_utf8_lossy(&sub.stderr)
     );
-    assert_eq!(out.lines().count(), accepted_before_reload, "{out}");
-    assert!(
-        !out.contains(&refused) && !out.contains("once more"),
-        "a message from a revoked certificate was accepted: {out}"
+    // One line per delivery: a refused publish would make one more.
+    assert_eq!(
+        out.lines().count(),
+        accepted_before_reload,
+        "a message from a revoked certificate was accepted, or an accepted one lost: {out}"
     );
 
     let _ = broker.0.kill();
