@@ -231,7 +231,9 @@ pub struct BrokerConfig {
     /// How long a publisher's idempotency key is remembered.
     #[serde(with = "duration")]
     pub dedup_window: Duration,
-    /// Bytes of page cache given to the store.
+    /// Bytes of sled's node cache. sled's own memory (its page table, one
+    /// entry per tree page) comes on top; 32 MiB keeps a broker holding a
+    /// million 1 KiB messages under 200 MB resident (README, Footprint).
     pub cache_capacity: u64,
     /// Most concurrent client connections.
     pub max_connections: usize,
@@ -269,7 +271,7 @@ impl Default for BrokerConfig {
             max_in_flight: 1000,
             default_in_flight: 100,
             dedup_window: Duration::from_secs(24 * 60 * 60),
-            cache_capacity: 64 * MIB as u64,
+            cache_capacity: 32 * MIB as u64,
             max_connections: 1024,
             max_streams_per_connection: 128,
             max_consumers_per_subscription: 64,
