@@ -6,6 +6,7 @@
 #        PEERS (default "nats rabbit-classic rabbit-cq2 rabbit-quorum joinery")
 #        JOINERY_CONFIG (a config file for joinery serve; default: the embedded one)
 #        JOINERY_ADDR (default https://127.0.0.1:7443; http://... for a plaintext broker)
+#        KEEP_DATA=1 (keep joinery's scratch data dir, ~1.5 GB, instead of removing it)
 # needs: nats-server and rabbitmq-server (apt), the peerbench client built as its
 # README says, and `cargo build --release`. Everything listens on 127.0.0.1 and is
 # stopped by PID. The JSONL results and the summary table go to $OUT_DIR.
@@ -28,6 +29,7 @@ cleanup() {
     for _ in $(seq 100); do kill -0 "$joinery_pid" 2>/dev/null || break; sleep 0.1; done
   fi
   [ -z "${servers:-}" ] || "$PEERBENCH/servers.sh" stop $servers >/dev/null 2>&1 || true
+  if [ "${KEEP_DATA:-0}" = 1 ]; then echo "joinery data kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
