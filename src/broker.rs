@@ -421,7 +421,8 @@ impl Broker {
             }
             targets.push(sub.state.clone());
         }
-        let expires_ms = effective_expiry(&envelope, topic.config.retention, now);
+        let (expires_ms, expiry_by_order) =
+            effective_expiry(&envelope, topic.config.retention, now);
         let dedup_key = if envelope.message_id.is_empty() {
             envelope.message_id = uuid::Uuid::now_v7().to_string();
             None // the broker's own id cannot be repeated by a client
@@ -439,7 +440,7 @@ impl Broker {
                 dedup_key,
                 publish_ms: now,
                 expires_ms,
-                expiry_by_order: expiry_is_retention(topic.config.retention, now, expires_ms),
+                expiry_by_order,
                 sender: caller.to_string(),
                 message_id: message_id.clone(),
                 message_type: envelope.message_type.clone(),
@@ -745,20 +746,18 @@ async fn load_registry(
     Ok(registry)
 }
 
-/// The earliest of the envelope's `expires_at` and the topic's retention.
-fn effective_expiry(envelope: &Envelope, retention: Option<Duration>, now: u64) -> u64 {
+/// The earliest of the envelope's `expires_at` and the topic's retention
+/// (0: never), and whether it is the retention's (the store then needs no
+/// expiry-index entry for it).
+fn effective_expiry(envelope: &Envelope, retention: Option<Duration>, now: u64) -> (u64, bool) {
     let by_envelope = envelope.expires_at.as_ref().and_then(timestamp_ms);
     let by_retention = retention.map(|r| now.saturating_add(r.as_millis() as u64));
     match (by_envelope, by_retention) {
-        (Some(a), Some(b)) => a.min(b),
-        (a, b) => a.or(b).unwrap_or(0),
+        (Some(a), Some(b)) => (a.min(b), b != 0 && b <= a),
+        (None, Some(b)) => (b, b != 0),
+        (Some(a), None) => (a, false),
+        (None, None) => (0, false),
     }
-}
-
-/// The expiry is exactly the topic's retention (not an earlier `expires_at`).
-fn expiry_is_retention(retention: Option<Duration>, now: u64, expires_ms: u64) -> bool {
-    retention
-        .is_some_and(|r| expires_ms != 0 && expires_ms == now.saturating_add(r.as_millis() as u64))
 }
 
 fn timestamp_ms(ts: &prost_types::Timestamp) -> Option<u64> {
