@@ -155,47 +155,56 @@ impl Records {
             return Some(Ok(stored));
         }
         if let Some(item) = self.singles.next() {
-            return Some(item.map_err(AuditError::from).and_then(|(key, value)| {
-                let seq = seq_of(&key)?;
-                let range = 0..value.len();
-                Ok(Stored {
-                    seq,
-                    key,
-                    value,
-                    range,
-                    last_in_block: true,
-                })
-            }));
+            return Some(item.map_err(AuditError::from).and_then(single));
         }
-        let (key, value) = match self.blocks.next()? {
-            Ok(kv) => kv,
+        let records = match self.blocks.next()? {
+            Ok(kv) => block(kv),
             Err(e) => return Some(Err(e.into())),
         };
-        let first = match seq_of(&key) {
-            Ok(first) => first,
-            Err(e) => return Some(Err(e)),
-        };
-        let Some(ranges) = block_ranges(&value).filter(|r| !r.is_empty()) else {
-            return Some(Err(AuditError::Broken {
-                seq: first,
-                problem: "its block is cut short or empty".into(),
-            }));
-        };
-        let last = ranges.len() - 1;
-        let records: Vec<Stored> = ranges
-            .into_iter()
-            .enumerate()
-            .map(|(i, range)| Stored {
-                seq: first + i as u64,
-                key: key.clone(),
-                value: value.clone(),
-                range,
-                last_in_block: i == last,
-            })
-            .collect();
-        self.pending = records.into_iter();
-        self.pending.next().map(Ok)
+        match records {
+            Ok(records) => {
+                self.pending = records.into_iter();
+                self.pending.next().map(Ok)
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
+}
+
+/// A single record of an earlier version, stored under `a seq`.
+fn single((key, value): (sled::IVec, sled::IVec)) -> Result<Stored, AuditError> {
+    let seq = seq_of(&key)?;
+    let range = 0..value.len();
+    Ok(Stored {
+        seq,
+        key,
+        value,
+        range,
+        last_in_block: true,
+    })
+}
+
+/// The records of a block stored under `b first_seq`, in order; never empty.
+fn block((key, value): (sled::IVec, sled::IVec)) -> Result<Vec<Stored>, AuditError> {
+    let first = seq_of(&key)?;
+    let Some(ranges) = block_ranges(&value).filter(|r| !r.is_empty()) else {
+        return Err(AuditError::Broken {
+            seq: first,
+            problem: "its block is cut short or empty".into(),
+        });
+    };
+    let last = ranges.len() - 1;
+    Ok(ranges
+        .into_iter()
+        .enumerate()
+        .map(|(i, range)| Stored {
+            seq: first + i as u64,
+            key: key.clone(),
+            value: value.clone(),
+            range,
+            last_in_block: i == last,
+        })
+        .collect())
 }
 
 impl Iterator for Records {
@@ -216,37 +225,12 @@ impl Iterator for Records {
 /// The last stored record, if any.
 pub fn last(tree: &sled::Db) -> Result<Option<Stored>, AuditError> {
     if let Some(item) = tree.scan_prefix([keys::AUDIT_BLOCK]).next_back() {
-        let (key, value) = item?;
-        let first = seq_of(&key)?;
-        let ranges = block_ranges(&value).unwrap_or_default();
-        let Some(range) = ranges.last().cloned() else {
-            return Err(AuditError::Broken {
-                seq: first,
-                problem: "its block is cut short or empty".into(),
-            });
-        };
-        return Ok(Some(Stored {
-            seq: first + ranges.len() as u64 - 1,
-            key,
-            value,
-            range,
-            last_in_block: true,
-        }));
+        return Ok(block(item?)?.pop());
     }
-    match tree.scan_prefix([keys::AUDIT]).next_back() {
-        Some(item) => {
-            let (key, value) = item?;
-            let range = 0..value.len();
-            Ok(Some(Stored {
-                seq: seq_of(&key)?,
-                key,
-                value,
-                range,
-                last_in_block: true,
-            }))
-        }
-        None => Ok(None),
-    }
+    tree.scan_prefix([keys::AUDIT])
+        .next_back()
+        .map(|item| single(item?))
+        .transpose()
 }
 
 /// A block as found by [`block_of`]: its key, its records (stored bytes)
