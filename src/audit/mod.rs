@@ -620,37 +620,37 @@ mod tests {
         assert_eq!((doomed.len(), anchor.first_seq), (4, 9));
     }
 
+    /// A log of blocks of `sizes` records with record `seq` taken out of
+    /// its block, by hand.
+    fn log_without(sizes: &[usize], seq: u64) -> (sled::Db, sled::IVec, usize) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
+        for &n in sizes {
+            append_block(&db, &mut chain, 1_000, n);
+        }
+        let (key, mut records, at) = blocks::block_of(&db, seq).unwrap().unwrap();
+        records.remove(at);
+        db.insert(&key, blocks::encode_block(&records)).unwrap();
+        (db, key, at)
+    }
+
+    fn assert_missing(db: &sled::Db, expected: u64) {
+        match verify(db) {
+            Err(AuditError::Broken { seq, problem }) => {
+                assert_eq!(seq, expected);
+                assert!(problem.contains("missing"), "{problem}");
+            }
+            other => panic!("expected record {expected} missing, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_record_taken_out_of_a_block_is_named_missing() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
-        append_block(&db, &mut chain, 1_000, 6);
-        append_block(&db, &mut chain, 1_000, 2);
-        let (key, mut records, at) = blocks::block_of(&db, 4).unwrap().unwrap();
+        let (db, key, at) = log_without(&[6, 2], 4);
         assert_eq!((key.as_ref(), at), (&keys::audit_block(1)[..], 3));
-        records.remove(at);
-        db.insert(key, blocks::encode_block(&records)).unwrap();
-        match verify(&db) {
-            Err(AuditError::Broken { seq, problem }) => {
-                assert_eq!(seq, 4);
-                assert!(problem.contains("missing"), "{problem}");
-            }
-            other => panic!("expected record 4 missing, got {other:?}"),
-        }
+        assert_missing(&db, 4);
         // The last record of the first block: the next block shows the gap.
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
-        append_block(&db, &mut chain, 1_000, 3);
-        append_block(&db, &mut chain, 1_000, 3);
-        let (key, mut records, at) = blocks::block_of(&db, 3).unwrap().unwrap();
-        records.remove(at);
-        db.insert(key, blocks::encode_block(&records)).unwrap();
-        match verify(&db) {
-            Err(AuditError::Broken { seq, problem }) => {
-                assert_eq!(seq, 3);
-                assert!(problem.contains("missing"), "{problem}");
-            }
-            other => panic!("expected record 3 missing, got {other:?}"),
-        }
+        let (db, _, _) = log_without(&[3, 3], 3);
+        assert_missing(&db, 3);
     }
 }
