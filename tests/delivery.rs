@@ -245,6 +245,32 @@ async fn dead_letters_after_max_deliveries() {
     store.close().await.unwrap();
 }
 
+/// A consumer of `council.inbox` gets exactly one message, `payload`, and acks it.
+async fn council_receives_only(broker: &TestBroker, payload: &str) {
+    let mut council = broker.client("council").await;
+    let mut c = TestConsumer::open(&mut council, "council.inbox", 10)
+        .await
+        .unwrap();
+    let d = c.next(WAIT).await.unwrap();
+    assert_eq!(payload_of(&d), payload);
+    c.ack(vec![d.delivery_id]).await;
+    assert!(c.next(QUIET).await.is_none());
+    c.close().await;
+}
+
+/// Stops the broker and opens its store; keep the guards while it is used.
+async fn stop_and_open_store(
+    broker: TestBroker,
+) -> (
+    joinery::storage::Store,
+    (std::sync::Arc<tempfile::TempDir>, std::sync::Arc<TestPki>),
+) {
+    let config = broker.config.clone();
+    let data = broker.data_dir();
+    let guards = broker.stop().await;
+    (open_store(&data, &config), guards)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_dead_lettered_and_never_delivered() {
     let broker = TestBroker::start(BODY).await;
@@ -263,20 +289,9 @@ async fn expired_messages_are_dead_lettered_and_never_delivered() {
 
     // No consumer while it expires: the sweep dead-letters it.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut council = broker.client("council").await;
-    let mut c = TestConsumer::open(&mut council, "council.inbox", 10)
-        .await
-        .unwrap();
-    let d = c.next(WAIT).await.unwrap();
-    assert_eq!(payload_of(&d), "keeps");
-    c.ack(vec![d.delivery_id]).await;
-    assert!(c.next(QUIET).await.is_none());
-    c.close().await;
+    council_receives_only(&broker, "keeps").await;
 
-    let config = broker.config.clone();
-    let data = broker.data_dir();
-    let (_tmp, _pki) = broker.stop().await;
-    let store = open_store(&data, &config);
+    let (store, _guards) = stop_and_open_store(broker).await;
     for name in ["council.inbox", "fire.inbox"] {
         let sub = store.subscription(name).unwrap();
         let dead = store.dead_letters(&sub, 10).unwrap();
@@ -303,21 +318,9 @@ async fn topic_retention_expires_messages_nobody_consumed() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     publish(&mut police, envelope("fresh")).await.unwrap();
+    council_receives_only(&broker, "fresh").await;
 
-    let mut council = broker.client("council").await;
-    let mut c = TestConsumer::open(&mut council, "council.inbox", 10)
-        .await
-        .unwrap();
-    let d = c.next(WAIT).await.unwrap();
-    assert_eq!(payload_of(&d), "fresh");
-    c.ack(vec![d.delivery_id]).await;
-    assert!(c.next(QUIET).await.is_none());
-    c.close().await;
-
-    let config = broker.config.clone();
-    let data = broker.data_dir();
-    let (_tmp, _pki) = broker.stop().await;
-    let store = open_store(&data, &config);
+    let (store, _guards) = stop_and_open_store(broker).await;
     for name in ["council.inbox", "fire.inbox"] {
         let sub = store.subscription(name).unwrap();
         let dead = store.dead_letters(&sub, 10).unwrap();
