@@ -312,16 +312,21 @@ impl DeadLetter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn stored_message_round_trips() {
-        let header = MessageHeader {
+    /// A header expiring at 20, by retention order or not.
+    fn header(expiry_by_order: bool) -> MessageHeader<'static> {
+        MessageHeader {
             publish_ms: 10,
             expires_ms: 20,
             digest: &[7; 32],
             message_id: "id-1",
             message_type: "a.B",
-            expiry_by_order: false,
-        };
+            expiry_by_order,
+        }
+    }
+
+    #[test]
+    fn stored_message_round_trips() {
+        let header = header(false);
         let value = StoredMessage::encode_value(header, b"env");
         let m = StoredMessage::decode(3, 4, &value).unwrap();
         assert_eq!(StoredMessage::expires_ms_of(&value), Some(20));
@@ -369,14 +374,7 @@ mod tests {
 
     #[test]
     fn a_retention_expiry_has_no_index_entry_and_reads_back() {
-        let header = MessageHeader {
-            publish_ms: 10,
-            expires_ms: 20,
-            digest: &[7; 32],
-            message_id: "id-1",
-            message_type: "a.B",
-            expiry_by_order: true,
-        };
+        let header = header(true);
         let value = StoredMessage::encode_value(header, b"env");
         let m = StoredMessage::decode(3, 4, &value).unwrap();
         assert!(m.expiry_by_order && StoredMessage::expiry_by_order_of(&value));
