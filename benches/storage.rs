@@ -240,55 +240,61 @@ fn report_flushes(name: &str, flushes: u64, iterations: u64) {
     }
 }
 
+/// `<name>/{1,64,512}`: each iteration prepares with `setup` (untimed),
+/// times `timed`, then cleans up with `teardown` (untimed), and the flushes
+/// the timed parts caused are reported per iteration.
+fn bench_batches<S, T>(
+    c: &mut Criterion,
+    name: &str,
+    fx: &mut Fixture,
+    mut setup: impl FnMut(&mut Fixture, u64) -> S,
+    mut timed: impl FnMut(&mut Fixture, S) -> T,
+    mut teardown: impl FnMut(&mut Fixture, T),
+) {
+    let mut group = c.benchmark_group(name);
+    for n in BATCHES {
+        let (mut flushes, mut iterations) = (0, 0);
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let prepared = setup(fx, n);
+                    let before = fx.flushes();
+                    let start = Instant::now();
+                    let done = timed(fx, prepared);
+                    elapsed += start.elapsed();
+                    flushes += fx.flushes() - before;
+                    iterations += 1;
+                    teardown(fx, done);
+                }
+                elapsed
+            })
+        });
+        report_flushes(&format!("{name}/{n}"), flushes, iterations);
+    }
+    group.finish();
+}
+
 fn storage(c: &mut Criterion) {
     let mut fx = Fixture::open();
 
-    let mut group = c.benchmark_group("storage/append");
-    for n in BATCHES {
-        let (mut flushes, mut iterations) = (0, 0);
-        group.throughput(Throughput::Elements(n));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for _ in 0..iters {
-                    let (ops, replies) = fx.prepare(n);
-                    let before = fx.flushes();
-                    let start = Instant::now();
-                    let messages = fx.rt.block_on(submit(&fx.store, ops, replies));
-                    timed += start.elapsed();
-                    flushes += fx.flushes() - before;
-                    iterations += 1;
-                    fx.ack(messages);
-                }
-                timed
-            })
-        });
-        report_flushes(&format!("storage/append/{n}"), flushes, iterations);
-    }
-    group.finish();
-
-    let mut group = c.benchmark_group("storage/ack");
-    for n in BATCHES {
-        let (mut flushes, mut iterations) = (0, 0);
-        group.throughput(Throughput::Elements(n));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for _ in 0..iters {
-                    let messages = fx.publish(n);
-                    let before = fx.flushes();
-                    let start = Instant::now();
-                    fx.ack(messages);
-                    timed += start.elapsed();
-                    flushes += fx.flushes() - before;
-                    iterations += 1;
-                }
-                timed
-            })
-        });
-        report_flushes(&format!("storage/ack/{n}"), flushes, iterations);
-    }
-    group.finish();
+    bench_batches(
+        c,
+        "storage/append",
+        &mut fx,
+        |fx, n| fx.prepare(n),
+        |fx, (ops, replies)| fx.rt.block_on(submit(&fx.store, ops, replies)),
+        |fx, messages| fx.ack(messages),
+    );
+    bench_batches(
+        c,
+        "storage/ack",
+        &mut fx,
+        |fx, n| fx.publish(n),
+        |fx, messages| fx.ack(messages),
+        |_, ()| {},
+    );
 
     // A standing backlog, requeued over and over with a rising attempt count.
     let backlog = fx.publish(BATCHES[BATCHES.len() - 1]);
