@@ -561,13 +561,7 @@ impl Writer {
                 group.del(&key); // message already gone
                 continue;
             };
-            let message = Arc::new(StoredMessage::decode(topic_id, seq, &value)?);
-            for sub in &topic.subs {
-                if self.exists(group, &keys::pending(sub.id, seq))? {
-                    sub.push_expired(message.clone());
-                    group.woken.insert(sub.id, sub.clone());
-                }
-            }
+            self.expired(group, topic, seq, &value)?;
         }
         self.swept_until_ms = match last {
             Some(at) if count > SWEEP_LIMIT => at,
@@ -591,6 +585,26 @@ impl Writer {
                 }
             }
             group.del(&key);
+        }
+        Ok(())
+    }
+
+    /// Tells each subscription still holding message `seq` (stored as
+    /// `value`) that it has expired; its dispatcher dead-letters it (it
+    /// knows what is in flight).
+    fn expired(
+        &self,
+        group: &mut Group,
+        topic: &TopicState,
+        seq: u64,
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        let message = Arc::new(StoredMessage::decode(topic.id, seq, value)?);
+        for sub in &topic.subs {
+            if self.exists(group, &keys::pending(sub.id, seq))? {
+                sub.push_expired(message.clone());
+                group.woken.insert(sub.id, sub.clone());
+            }
         }
         Ok(())
     }
@@ -635,13 +649,7 @@ impl Writer {
                     if StoredMessage::expires_ms_of(&value).is_some_and(|at| at > now) {
                         break; // nor have any later ones
                     }
-                    let message = Arc::new(StoredMessage::decode(topic.id, seq, &value)?);
-                    for sub in &topic.subs {
-                        if self.exists(group, &keys::pending(sub.id, seq))? {
-                            sub.push_expired(message.clone());
-                            group.woken.insert(sub.id, sub.clone());
-                        }
-                    }
+                    self.expired(group, &topic, seq, &value)?;
                 }
                 cursor = seq + 1;
             }
