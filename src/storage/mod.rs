@@ -654,7 +654,25 @@ impl Store {
     }
 }
 
+/// How long opening waits for the data directory's lock. A sled database
+/// dropped in this process releases its lock only when sled's I/O pool has
+/// finished with the file, a moment after the drop; a second broker process
+/// still gets `Locked`, just this much later.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 pub(crate) fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match open_sled_once(dir, cache_capacity) {
+            Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_sled_once(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_capacity)
