@@ -35,6 +35,7 @@ pub const PUBLISH_SECONDS: &str = "joinery_publish_duration_seconds";
 pub const PUBLISH_TO_ACK_SECONDS: &str = "joinery_publish_to_ack_seconds";
 pub const FLUSH_SECONDS: &str = "joinery_flush_duration_seconds";
 pub const FLUSH_MESSAGES: &str = "joinery_flush_messages";
+pub const CHECKPOINT_SECONDS: &str = "joinery_checkpoint_duration_seconds";
 pub const STORAGE_BYTES: &str = "joinery_storage_bytes";
 pub const CONNECTIONS: &str = "joinery_connections_open";
 pub const STREAMS: &str = "joinery_streams_open";
@@ -117,7 +118,12 @@ pub fn describe() {
     describe_histogram!(
         FLUSH_SECONDS,
         Unit::Seconds,
-        "Duration of one group commit: batch apply, flush and fsync."
+        "Duration of one group commit: the journal write and fdatasync (and a checkpoint, when one falls due)."
+    );
+    describe_histogram!(
+        CHECKPOINT_SECONDS,
+        Unit::Seconds,
+        "Duration of one checkpoint: sled flush and fsync, after which the journal starts over."
     );
     describe_histogram!(
         FLUSH_MESSAGES,

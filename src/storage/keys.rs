@@ -35,6 +35,8 @@ pub const AUDIT_ANCHOR: &[u8] = b"A";
 pub const SCHEMA: u8 = b'R';
 /// Last id handed out to a topic or subscription: `c` → id(4).
 pub const ID_COUNTER: &[u8] = b"c";
+/// Last journal group applied: `J` → lsn(8) (see [`super::journal`]).
+pub const JOURNAL_LSN: &[u8] = b"J";
 /// On-disk format version: `v` → u32.
 pub const FORMAT: &[u8] = b"v";
 

@@ -43,6 +43,7 @@
 //! - Reads (`scan_pending`, `load_message`, ...) are blocking sled calls:
 //!   call them from `spawn_blocking`.
 
+mod journal;
 pub mod keys;
 mod operator;
 pub mod records;
@@ -667,6 +668,10 @@ pub(crate) fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, Sto
             Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(25));
             }
+            Ok(db) => {
+                journal::recover(&db, dir)?;
+                return Ok(db);
+            }
             other => return other,
         }
     }
@@ -1051,6 +1056,58 @@ mod tests {
             .scan_pending(&store.subscription("a").unwrap(), 0, 10, 10)
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        store.close().await.unwrap();
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_sled_lost_come_back_from_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = tmp.path().join("live");
+        let store = open(&live);
+        for _ in 0..3 {
+            publish(&store, "t", &["a"], b"before").await;
+        }
+        store.close().await.unwrap();
+        drop(store);
+        // sled as it was then: what a power cut could leave of later groups.
+        let lost = tmp.path().join("lost");
+        copy_dir(&live, &lost);
+
+        let store = open(&live);
+        for _ in 0..3 {
+            publish(&store, "t", &["a", "b"], b"after").await;
+        }
+        let sub = store.subscription("a").unwrap();
+        let topic = store.topic("t").unwrap();
+        let message = store.load_message(topic.id, 1).unwrap().unwrap();
+        store
+            .settle(sub, topic, message, Outcome::Ack, "council".into())
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        std::fs::copy(live.join(journal::FILE), lost.join(journal::FILE)).unwrap();
+
+        let store = open(&lost);
+        let a = store.subscription("a").unwrap();
+        assert_eq!(a.depth(), 5);
+        assert_eq!(store.subscription("b").unwrap().depth(), 3);
+        let rows = store.scan_pending(&a, 0, 10, 10).unwrap();
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3, 4, 5, 6]);
+        assert_eq!(publish(&store, "t", &["a"], b"next").await, 7);
         store.close().await.unwrap();
     }
 

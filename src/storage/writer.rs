@@ -1,7 +1,8 @@
 //! The writer thread: applies [`Op`]s in arrival order, one atomic
-//! `sled::Batch` per group; the [`flusher`] thread makes each group durable
-//! (one flush + fsync for every group waiting) and only then answers it
-//! (group commit, pipelined: the next group is built while one is flushed).
+//! `sled::Batch` per group, and records the same writes for the journal; the
+//! [`flusher`] thread makes each group durable (one journal write + fdatasync
+//! for every group waiting) and only then answers it (group commit,
+//! pipelined: the next group is built while one is made durable).
 //!
 //! Reads it makes while building a batch (dedup lookups, "does another
 //! subscription still hold this message?") go through an overlay of the keys
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
+use super::journal::{self, Ops};
 use super::keys;
 use super::records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 use super::{
@@ -55,12 +57,16 @@ pub(super) struct Writer {
     audit: Option<Chain>,
     /// agency → its delivery-report topic and subscription.
     reports: HashMap<String, (Arc<TopicState>, Arc<SubState>)>,
+    /// Journal lsn of the last group applied.
+    lsn: u64,
 }
 
 /// State of one group commit being built.
 #[derive(Default)]
 struct Group {
     batch: sled::Batch,
+    /// The batch's writes again, for the journal.
+    ops: Ops,
     overlay: HashMap<Vec<u8>, bool>,
     replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
     syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
@@ -80,12 +86,14 @@ struct Group {
 impl Group {
     fn put(&mut self, key: &[u8], value: &[u8]) {
         self.batch.insert(key, value);
+        self.ops.insert(key, value);
         self.overlay.insert(key.to_vec(), true);
         self.writes += 1;
     }
 
     fn del(&mut self, key: &[u8]) {
         self.batch.remove(key);
+        self.ops.remove(key);
         self.overlay.insert(key.to_vec(), false);
         self.writes += 1;
     }
@@ -116,11 +124,13 @@ impl Writer {
             source,
         })?;
         let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
+        let lsn = journal::applied_lsn(&db)?;
         let failure = Failure::default();
         let flusher = Flusher {
             db: db.clone(),
             dir: dir.to_path_buf(),
             db_file,
+            journal: journal::Journal::open(dir)?,
             stats,
             failed: failure.clone(),
             synced_blobs: HashSet::new(),
@@ -151,6 +161,7 @@ impl Writer {
             failed: None,
             audit,
             reports,
+            lsn,
         })
     }
 
@@ -671,6 +682,7 @@ impl Writer {
     fn finish(&mut self, group: Group) {
         let Group {
             mut batch,
+            mut ops,
             replies,
             syncs,
             committed,
@@ -682,11 +694,15 @@ impl Writer {
             audit,
             ..
         } = group;
+        let mut put = |key: &[u8], value: &[u8]| {
+            batch.insert(key, value);
+            ops.insert(key, value);
+        };
         for (key, value) in audit.finish() {
-            batch.insert(&key, value);
+            put(&key, &value);
         }
         for (topic, next) in next_seqs {
-            batch.insert(&keys::next_seq(topic), &next.to_be_bytes());
+            put(&keys::next_seq(topic), &next.to_be_bytes());
         }
         let mut counts = Vec::with_capacity(deltas.len());
         for (sub, depth, dead) in deltas.into_values() {
@@ -695,9 +711,16 @@ impl Writer {
             let dead = apply_delta(old_dead, dead);
             let mut value = depth.to_be_bytes().to_vec();
             value.extend_from_slice(&dead.to_be_bytes());
-            batch.insert(&keys::counters(sub.id), value);
+            put(&keys::counters(sub.id), &value);
             counts.push((sub, depth, dead));
         }
+        let record = if ops.is_empty() || self.failed.is_some() {
+            None
+        } else {
+            self.lsn += 1;
+            batch.insert(keys::JOURNAL_LSN, &self.lsn.to_be_bytes());
+            Some((self.lsn, ops))
+        };
         let needs_flush = writes > 0 || !counts.is_empty() || !syncs.is_empty();
         let result = match &self.failed {
             Some(reason) => Err(StorageError::Unavailable(reason.clone())),
@@ -705,6 +728,8 @@ impl Writer {
             None => Ok(()),
         };
         let applied = Applied {
+            checkpoint: !syncs.is_empty(),
+            record,
             replies,
             syncs,
             committed: committed

@@ -1,12 +1,15 @@
 //! The flusher thread: makes applied batches durable and only then answers
-//! them. The writer applies group N+1 to sled while this thread flushes and
-//! fsyncs group N, so building batches (CPU) overlaps waiting for the disk.
+//! them. The writer applies group N+1 to sled while this thread journals
+//! group N, so building batches (CPU) overlaps waiting for the disk.
 //!
 //! # Invariants
 //! - Groups are answered in the order the writer applied them, each only
-//!   after a `flush()` + fsync that started after the group was applied (a
-//!   flush covers everything written to sled's log before it began).
-//! - Several groups waiting together share one flush.
+//!   after its journal record is written and synced, or after a sled
+//!   `flush()` + fsync that started after the group was applied (a flush
+//!   covers everything written to sled's log before it began).
+//! - Several groups waiting together share one journal write and sync.
+//! - The journal is written from its start again only after such a flush
+//!   (a checkpoint): a full journal, or a group that asked for a sync.
 //! - A group with no writes (e.g. only duplicate publishes) is still answered
 //!   in order, so it never overtakes the durability of an earlier group it
 //!   depends on.
@@ -26,6 +29,10 @@ use super::super::{FlushStats, Published, StorageError, SubState, TopicState};
 
 /// A group applied to sled, waiting for durability.
 pub(super) struct Applied {
+    /// Its journal lsn and writes (None: it wrote nothing).
+    pub record: Option<(u64, super::journal::Ops)>,
+    /// It asked for sled itself to be made durable (a [`crate::storage::Store::sync`]).
+    pub checkpoint: bool,
     pub replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
     pub syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
     /// Topic sequences that become visible to dispatchers.
@@ -73,6 +80,7 @@ pub(super) struct Flusher {
     pub db: sled::Db,
     pub dir: PathBuf,
     pub db_file: std::fs::File,
+    pub journal: super::journal::Journal,
     pub stats: Arc<FlushStats>,
     pub failed: Failure,
     pub synced_blobs: HashSet<std::ffi::OsString>,
@@ -100,7 +108,7 @@ impl Flusher {
         let needs_flush = groups.iter().any(|g| g.needs_flush);
         let result = match failure_of(&self.failed) {
             Some(reason) => Err(StorageError::Unavailable(reason)),
-            None if needs_flush => self.sync(),
+            None if needs_flush => self.sync(&groups),
             None => Ok(()),
         };
         if let Err(e) = &result {
@@ -125,9 +133,26 @@ impl Flusher {
         }
     }
 
+    /// Journals the groups' writes; checkpoints when the journal is full or
+    /// a group asked for it.
+    fn sync(&mut self, groups: &[Applied]) -> Result<(), StorageError> {
+        self.journal.append(
+            groups
+                .iter()
+                .filter_map(|g| g.record.as_ref().map(|(lsn, ops)| (*lsn, ops))),
+        )?;
+        if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
     /// sled's flush, then an fsync of its data file (sled's own flush uses
-    /// `sync_file_range`, which leaves the disk's write cache unflushed).
-    fn sync(&mut self) -> Result<(), StorageError> {
+    /// `sync_file_range`, which leaves the disk's write cache unflushed) and
+    /// of new blob files. Every group applied before it is then durable in
+    /// sled, so the journal starts over.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
         self.db.flush()?;
         self.db_file
             .sync_data()
@@ -135,7 +160,11 @@ impl Flusher {
                 path: self.dir.join("db"),
                 source,
             })?;
-        self.sync_new_blobs()
+        self.sync_new_blobs()?;
+        self.journal.reset();
+        ::metrics::histogram!(crate::metrics::CHECKPOINT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// sled writes values too large for its log segments to `blobs/` without
@@ -237,6 +266,7 @@ mod tests {
             db,
             dir: dir.to_path_buf(),
             db_file: std::fs::File::open(dir.join("store").join("db")).unwrap(),
+            journal: super::super::journal::Journal::open(&dir.join("store")).unwrap(),
             stats: Arc::default(),
             failed: Failure::default(),
             synced_blobs: HashSet::new(),

@@ -1,0 +1,402 @@
+//! The journal: makes a group durable with one write and one `fdatasync`.
+//!
+//! Making sled itself durable costs a `flush()` (a write and a
+//! `sync_file_range` per log buffer) and then an fsync of its file: two
+//! device syncs per group. Instead the writer applies each group to sled
+//! without waiting, and the flusher appends the group's writes to this file
+//! and syncs it once. Now and then (a full journal, or a [`super::Store::sync`])
+//! the flusher checkpoints: it flushes and fsyncs sled, after which every
+//! record is covered by sled and the file is written again from its start.
+//!
+//! # Record
+//! `len u32 | crc32 u32 | lsn u64 | ops`, little-endian; `len` counts the
+//! lsn and the ops, the CRC covers them. An op is `1 klen(u32) key vlen(u32)
+//! value` (insert) or `0 klen(u32) key` (remove).
+//!
+//! # Invariants
+//! - Each group the writer applies with writes carries `J → lsn` in its
+//!   sled batch, the lsn one more than the previous group's.
+//! - A group is answered only after its record is written and synced.
+//! - sled recovers a prefix of the batches applied to it (each batch is
+//!   atomic), so at open the records with an lsn above sled's `J` are
+//!   exactly the groups sled lost; replaying them in order, as blind inserts
+//!   and removes, gives back the store as it was answered.
+//! - Reading stops at the first record that is torn, fails its CRC or does
+//!   not follow its predecessor's lsn: what is left of an earlier pass over
+//!   the file has smaller lsns and is never replayed.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use tracing::info;
+
+use super::{keys, StorageError};
+
+/// The journal's file name in the data directory.
+pub const FILE: &str = "journal";
+/// Size the file is given up front (written, so that later writes within it
+/// change no file metadata and `fdatasync` only has data to sync), and the
+/// fill level at which the flusher checkpoints.
+pub(super) const CAPACITY: u64 = 8 << 20;
+
+const HEADER: usize = 16;
+const INSERT: u8 = 1;
+const REMOVE: u8 = 0;
+
+/// The writes of one group, in the order made.
+#[derive(Default)]
+pub(super) struct Ops {
+    bytes: Vec<u8>,
+}
+
+impl Ops {
+    pub(super) fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes.push(INSERT);
+        put_slice(&mut self.bytes, key);
+        put_slice(&mut self.bytes, value);
+    }
+
+    pub(super) fn remove(&mut self, key: &[u8]) {
+        self.bytes.push(REMOVE);
+        put_slice(&mut self.bytes, key);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+fn put_slice(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The open journal, owned by the flusher.
+pub(super) struct Journal {
+    file: File,
+    path: PathBuf,
+    /// Where the next record goes.
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    /// Opens (creating and sizing if needed) the journal in `dir`. Its
+    /// records must already have been replayed ([`recover`]): writing starts
+    /// at the beginning.
+    pub(super) fn open(dir: &Path) -> Result<Journal, StorageError> {
+        let path = dir.join(FILE);
+        let io = |source| StorageError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < CAPACITY {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = len;
+            while at < CAPACITY {
+                let n = (CAPACITY - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at).map_err(io)?;
+                at += n as u64;
+            }
+            file.sync_all().map_err(io)?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| StorageError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok(Journal {
+            file,
+            path,
+            offset: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Writes the records and syncs them: once this returns, they survive
+    /// a crash.
+    pub(super) fn append<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (u64, &'a Ops)>,
+    ) -> Result<(), StorageError> {
+        self.buf.clear();
+        for (lsn, ops) in records {
+            encode(&mut self.buf, lsn, ops);
+        }
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let io = |source| StorageError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.write_all_at(&self.buf, self.offset).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.offset += self.buf.len() as u64;
+        // A burst can leave a large buffer behind: do not keep it.
+        if self.buf.capacity() > 4 << 20 {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// True once the file is full enough to checkpoint.
+    pub(super) fn full(&self) -> bool {
+        self.offset >= CAPACITY
+    }
+
+    /// After a checkpoint (sled flushed and fsynced after every recorded
+    /// group was applied): start over from the beginning.
+    pub(super) fn reset(&mut self) {
+        self.offset = 0;
+    }
+}
+
+fn encode(out: &mut Vec<u8>, lsn: u64, ops: &Ops) {
+    let len = 8 + ops.bytes.len();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&lsn.to_le_bytes());
+    hasher.update(&ops.bytes);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&hasher.finalize().to_le_bytes());
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&ops.bytes);
+}
+
+/// The intact records at the start of `data`, in order: (lsn, ops).
+fn records(data: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let mut prev: Option<u64> = None;
+    while let Some(header) = data.get(at..at + HEADER) {
+        let len = u32_at(header, 0) as usize;
+        let crc = u32_at(header, 4);
+        if len < 8 {
+            break;
+        }
+        let Some(body) = data.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        let lsn = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
+        if prev.is_some_and(|p| p.checked_add(1) != Some(lsn)) {
+            break;
+        }
+        prev = Some(lsn);
+        out.push((lsn, &body[8..]));
+        at += 8 + len;
+    }
+    out
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+/// Decodes one record's ops into a sled batch.
+fn batch_of(lsn: u64, mut ops: &[u8]) -> Result<sled::Batch, StorageError> {
+    let corrupt = || StorageError::Corrupt {
+        what: format!("journal record {lsn}"),
+    };
+    fn take<'a>(ops: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(ops.get(..4)?.try_into().ok()?) as usize;
+        let bytes = ops.get(4..4 + len)?;
+        *ops = &ops[4 + len..];
+        Some(bytes)
+    }
+    let mut batch = sled::Batch::default();
+    while let Some((&tag, rest)) = ops.split_first() {
+        ops = rest;
+        let key = take(&mut ops).ok_or_else(corrupt)?;
+        match tag {
+            INSERT => batch.insert(key, take(&mut ops).ok_or_else(corrupt)?),
+            REMOVE => batch.remove(key),
+            _ => return Err(corrupt()),
+        }
+    }
+    batch.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes());
+    Ok(batch)
+}
+
+/// The lsn of the last group applied to `db` (0: none yet).
+pub(super) fn applied_lsn(db: &sled::Db) -> Result<u64, StorageError> {
+    Ok(db
+        .get(keys::JOURNAL_LSN)?
+        .and_then(|v| keys::be_u64(&v))
+        .unwrap_or(0))
+}
+
+/// Replays into `db` the journal records sled lost, then makes them durable
+/// in sled. Returns how many were replayed. Call right after opening sled,
+/// before anything reads it.
+pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> {
+    let path = dir.join(FILE);
+    let data = match std::fs::read(&path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(StorageError::Io { path, source }),
+    };
+    let applied = applied_lsn(db)?;
+    let mut expected = applied.saturating_add(1);
+    let mut replayed = 0;
+    for (lsn, ops) in records(&data) {
+        if lsn <= applied {
+            continue;
+        }
+        if lsn != expected {
+            return Err(StorageError::Corrupt {
+                what: format!(
+                    "the journal continues at group {lsn} but the store ends at group {applied}: \
+                     groups in between are in neither"
+                ),
+            });
+        }
+        db.apply_batch(batch_of(lsn, ops)?)?;
+        expected = lsn + 1;
+        replayed += 1;
+    }
+    if replayed > 0 {
+        db.flush()?;
+        sync_store_files(dir)?;
+        info!(
+            groups = replayed,
+            from = applied + 1,
+            "replayed journal records the store had not made durable"
+        );
+    }
+    Ok(replayed)
+}
+
+/// fsyncs sled's data file and any blob files, after a `flush()`.
+fn sync_store_files(dir: &Path) -> Result<(), StorageError> {
+    let sync = |path: PathBuf| {
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StorageError::Io { path, source })
+    };
+    sync(dir.join("db"))?;
+    let blobs = dir.join("blobs");
+    if let Ok(entries) = std::fs::read_dir(&blobs) {
+        for entry in entries.flatten() {
+            sync(entry.path())?;
+        }
+        sync(blobs)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops(pairs: &[(&[u8], Option<&[u8]>)]) -> Ops {
+        let mut ops = Ops::default();
+        for (key, value) in pairs {
+            match value {
+                Some(v) => ops.insert(key, v),
+                None => ops.remove(key),
+            }
+        }
+        ops
+    }
+
+    fn get(db: &sled::Db, key: &[u8]) -> Option<Vec<u8>> {
+        db.get(key).unwrap().map(|v| v.to_vec())
+    }
+
+    #[test]
+    fn records_stop_at_a_torn_tail_and_at_an_earlier_pass() {
+        let a = ops(&[(b"k1", Some(b"v1"))]);
+        let b = ops(&[(b"k1", None), (b"k2", Some(b"v2"))]);
+        let mut data = Vec::new();
+        encode(&mut data, 7, &a);
+        encode(&mut data, 8, &b);
+        let whole = data.len();
+        // What an earlier pass left: a valid record, but not lsn 9.
+        encode(&mut data, 3, &a);
+        let found = records(&data);
+        assert_eq!(found.iter().map(|r| r.0).collect::<Vec<_>>(), [7, 8]);
+
+        // The second record torn: only the first counts.
+        let torn = &data[..whole - 1];
+        assert_eq!(records(torn).len(), 1);
+        // A flipped byte in the second record: the same.
+        let mut flipped = data[..whole].to_vec();
+        flipped[whole - 2] ^= 0xFF;
+        assert_eq!(records(&flipped).len(), 1);
+        // Zeros (a fresh file) hold no record.
+        assert!(records(&[0u8; 64]).is_empty());
+    }
+
+    #[test]
+    fn recovery_replays_exactly_what_sled_lost() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(tmp.path()).open().unwrap();
+        // sled holds groups up to 5.
+        db.insert(b"k1", b"from 5").unwrap();
+        db.insert(keys::JOURNAL_LSN, &5u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        let mut journal = Journal::open(tmp.path()).unwrap();
+        let g4 = ops(&[(b"k1", Some(b"from 4")), (b"old", Some(b"x"))]);
+        let g5 = ops(&[(b"k1", Some(b"from 5"))]);
+        let g6 = ops(&[(b"k1", None), (b"k2", Some(b"from 6"))]);
+        let g7 = ops(&[(b"k2", Some(b"from 7")), (b"k3", Some(b"from 7"))]);
+        journal
+            .append([(4, &g4), (5, &g5), (6, &g6), (7, &g7)])
+            .unwrap();
+
+        assert_eq!(recover(&db, tmp.path()).unwrap(), 2);
+        assert_eq!(get(&db, b"k1"), None);
+        assert_eq!(get(&db, b"k2").as_deref(), Some(&b"from 7"[..]));
+        assert_eq!(get(&db, b"k3").as_deref(), Some(&b"from 7"[..]));
+        // Groups sled already had are not applied again.
+        assert_eq!(get(&db, b"old"), None);
+        assert_eq!(applied_lsn(&db).unwrap(), 7);
+        // A second recovery finds nothing left to do.
+        assert_eq!(recover(&db, tmp.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_gap_between_the_store_and_the_journal_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(tmp.path()).open().unwrap();
+        db.insert(keys::JOURNAL_LSN, &5u64.to_be_bytes()).unwrap();
+        let mut journal = Journal::open(tmp.path()).unwrap();
+        let g = ops(&[(b"k", Some(b"v"))]);
+        journal.append([(7, &g), (8, &g)]).unwrap();
+        let err = recover(&db, tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("group 7"), "{err}");
+        assert_eq!(get(&db, b"k"), None);
+    }
+
+    #[test]
+    fn a_reset_journal_overwrites_from_the_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(tmp.path()).open().unwrap();
+        let mut journal = Journal::open(tmp.path()).unwrap();
+        let big = ops(&[(b"k", Some(&[1u8; 300][..]))]);
+        journal.append([(1, &big), (2, &big), (3, &big)]).unwrap();
+        // Checkpoint: sled has everything.
+        db.insert(b"k", &[1u8; 300][..]).unwrap();
+        db.insert(keys::JOURNAL_LSN, &3u64.to_be_bytes()).unwrap();
+        journal.reset();
+        let small = ops(&[(b"k", Some(b"4"))]);
+        journal.append([(4, &small)]).unwrap();
+        assert_eq!(recover(&db, tmp.path()).unwrap(), 1);
+        assert_eq!(get(&db, b"k").as_deref(), Some(&b"4"[..]));
+    }
+}
