@@ -79,6 +79,8 @@ pub(super) struct Journal {
     /// Where the next record goes.
     offset: u64,
     buf: Vec<u8>,
+    /// Records written since the last sync.
+    dirty: bool,
 }
 
 impl Journal {
@@ -120,34 +122,57 @@ impl Journal {
             path,
             offset: 0,
             buf: Vec::new(),
+            dirty: false,
         })
     }
 
-    /// Writes the records and syncs them: once this returns, they survive
-    /// a crash.
+    /// Writes the records, and with `sync` syncs the file: once this
+    /// returns, they (and every record before them) survive a crash.
+    /// Without, they are durable after the next [`Journal::sync`].
     pub(super) fn append<'a>(
         &mut self,
         records: impl IntoIterator<Item = (u64, &'a Ops)>,
+        sync: bool,
     ) -> Result<(), StorageError> {
         self.buf.clear();
         for (lsn, ops) in records {
             encode(&mut self.buf, lsn, ops);
         }
-        if self.buf.is_empty() {
-            return Ok(());
+        if !self.buf.is_empty() {
+            self.file
+                .write_all_at(&self.buf, self.offset)
+                .map_err(|source| StorageError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.offset += self.buf.len() as u64;
+            self.dirty = true;
         }
-        let io = |source| StorageError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        self.file.write_all_at(&self.buf, self.offset).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
-        self.offset += self.buf.len() as u64;
+        if sync {
+            self.sync()?;
+        }
         // A burst can leave a large buffer behind: do not keep it.
         if self.buf.capacity() > 4 << 20 {
             self.buf = Vec::new();
         }
         Ok(())
+    }
+
+    /// Syncs records written without a sync, if any.
+    pub(super) fn sync(&mut self) -> Result<(), StorageError> {
+        if self.dirty {
+            self.file.sync_data().map_err(|source| StorageError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Records are waiting for a sync.
+    pub(super) fn dirty(&self) -> bool {
+        self.dirty
     }
 
     /// True once the file is full enough to checkpoint.
@@ -159,6 +184,7 @@ impl Journal {
     /// group was applied): start over from the beginning.
     pub(super) fn reset(&mut self) {
         self.offset = 0;
+        self.dirty = false;
     }
 }
 
@@ -356,7 +382,7 @@ mod tests {
         let g6 = ops(&[(b"k1", None), (b"k2", Some(b"from 6"))]);
         let g7 = ops(&[(b"k2", Some(b"from 7")), (b"k3", Some(b"from 7"))]);
         journal
-            .append([(4, &g4), (5, &g5), (6, &g6), (7, &g7)])
+            .append([(4, &g4), (5, &g5), (6, &g6), (7, &g7)], true)
             .unwrap();
 
         assert_eq!(recover(&db, tmp.path()).unwrap(), 2);
@@ -377,7 +403,7 @@ mod tests {
         db.insert(keys::JOURNAL_LSN, &5u64.to_be_bytes()).unwrap();
         let mut journal = Journal::open(tmp.path()).unwrap();
         let g = ops(&[(b"k", Some(b"v"))]);
-        journal.append([(7, &g), (8, &g)]).unwrap();
+        journal.append([(7, &g), (8, &g)], true).unwrap();
         let err = recover(&db, tmp.path()).unwrap_err();
         assert!(err.to_string().contains("group 7"), "{err}");
         assert_eq!(get(&db, b"k"), None);
@@ -389,13 +415,18 @@ mod tests {
         let db = sled::Config::new().path(tmp.path()).open().unwrap();
         let mut journal = Journal::open(tmp.path()).unwrap();
         let big = ops(&[(b"k", Some(&[1u8; 300][..]))]);
-        journal.append([(1, &big), (2, &big), (3, &big)]).unwrap();
+        journal
+            .append([(1, &big), (2, &big), (3, &big)], false)
+            .unwrap();
+        assert!(journal.dirty());
+        journal.sync().unwrap();
+        assert!(!journal.dirty());
         // Checkpoint: sled has everything.
         db.insert(b"k", &[1u8; 300][..]).unwrap();
         db.insert(keys::JOURNAL_LSN, &3u64.to_be_bytes()).unwrap();
         journal.reset();
         let small = ops(&[(b"k", Some(b"4"))]);
-        journal.append([(4, &small)]).unwrap();
+        journal.append([(4, &small)], true).unwrap();
         assert_eq!(recover(&db, tmp.path()).unwrap(), 1);
         assert_eq!(get(&db, b"k").as_deref(), Some(&b"4"[..]));
     }

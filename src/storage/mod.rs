@@ -1106,7 +1106,10 @@ mod tests {
         assert_eq!(a.depth(), 5);
         assert_eq!(store.subscription("b").unwrap().depth(), 3);
         let rows = store.scan_pending(&a, 0, 10, 10).unwrap();
-        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3, 4, 5, 6]);
+        assert_eq!(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [2, 3, 4, 5, 6]
+        );
         assert_eq!(publish(&store, "t", &["a"], b"next").await, 7);
         store.close().await.unwrap();
     }

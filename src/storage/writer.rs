@@ -1,5 +1,5 @@
-//! The writer thread: applies [`Op`]s in arrival order, one atomic
-//! `sled::Batch` per group, and records the same writes for the journal; the
+//! The writer thread: applies [`Op`]s in arrival order, one group at a time,
+//! and records the same writes for the journal; the
 //! [`flusher`] thread makes each group durable (one journal write + fdatasync
 //! for every group waiting) and only then answers it (group commit,
 //! pipelined: the next group is built while one is made durable).
@@ -8,7 +8,7 @@
 //! subscription still hold this message?") go through an overlay of the keys
 //! already written in the same batch, so a batch sees its own writes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -64,7 +64,9 @@ pub(super) struct Writer {
 /// State of one group commit being built.
 #[derive(Default)]
 struct Group {
-    batch: sled::Batch,
+    /// Each key's last write in the group (None: removed), as in a
+    /// `sled::Batch`.
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// The batch's writes again, for the journal.
     ops: Ops,
     overlay: HashMap<Vec<u8>, bool>,
@@ -85,14 +87,14 @@ struct Group {
 
 impl Group {
     fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.insert(key, value);
+        self.changes.insert(key.to_vec(), Some(value.to_vec()));
         self.ops.insert(key, value);
         self.overlay.insert(key.to_vec(), true);
         self.writes += 1;
     }
 
     fn del(&mut self, key: &[u8]) {
-        self.batch.remove(key);
+        self.changes.insert(key.to_vec(), None);
         self.ops.remove(key);
         self.overlay.insert(key.to_vec(), false);
         self.writes += 1;
@@ -681,7 +683,7 @@ impl Writer {
     /// and wakes once it is durable.
     fn finish(&mut self, group: Group) {
         let Group {
-            mut batch,
+            mut changes,
             mut ops,
             replies,
             syncs,
@@ -695,7 +697,7 @@ impl Writer {
             ..
         } = group;
         let mut put = |key: &[u8], value: &[u8]| {
-            batch.insert(key, value);
+            changes.insert(key.to_vec(), Some(value.to_vec()));
             ops.insert(key, value);
         };
         for (key, value) in audit.finish() {
@@ -718,14 +720,15 @@ impl Writer {
             None
         } else {
             self.lsn += 1;
-            batch.insert(keys::JOURNAL_LSN, &self.lsn.to_be_bytes());
             Some((self.lsn, ops))
         };
         let needs_flush = writes > 0 || !counts.is_empty() || !syncs.is_empty();
         let result = match &self.failed {
             Some(reason) => Err(StorageError::Unavailable(reason.clone())),
-            None if needs_flush => self.db.apply_batch(batch).map_err(StorageError::from),
-            None => Ok(()),
+            None => match &record {
+                Some((lsn, _)) => apply(&self.db, changes, *lsn),
+                None => Ok(()),
+            },
         };
         let applied = Applied {
             checkpoint: !syncs.is_empty(),
@@ -762,6 +765,43 @@ impl Writer {
             self.failed.get_or_insert(reason);
         }
     }
+}
+
+/// Applies a group's writes to sled as single-key operations, then its
+/// journal lsn.
+///
+/// Not a `sled::Batch`: sled writes out its log buffer at the start of every
+/// batch (two `pwrite` + `sync_file_range` rounds on its I/O threads per
+/// group), and the journal already gives the group's atomicity across a
+/// crash: sled recovers a prefix of its operations, `J` comes last, and the
+/// replay rewrites a group sled holds only part of. Readers can see a group
+/// half applied, so the order keeps what they rely on: inserts in key order
+/// (a message `m` before its pending entries `p`), then removals in reverse
+/// key order (pending entries before their message). Dispatchers deliver no
+/// sequence before its group is durable.
+///
+/// If sled fails part-way, the group is refused and so is everything after
+/// it until a restart (sled's errors are sticky); what of the group reached
+/// sled stays there, as an unanswered group would.
+fn apply(
+    db: &sled::Db,
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    lsn: u64,
+) -> Result<(), StorageError> {
+    let mut removals = Vec::new();
+    for (key, value) in changes {
+        match value {
+            Some(value) => {
+                db.insert(key, value)?;
+            }
+            None => removals.push(key),
+        }
+    }
+    for key in removals.into_iter().rev() {
+        db.remove(key)?;
+    }
+    db.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes())?;
+    Ok(())
 }
 
 fn apply_delta(value: u64, delta: i64) -> u64 {

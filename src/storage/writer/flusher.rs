@@ -8,6 +8,11 @@
 //!   `flush()` + fsync that started after the group was applied (a flush
 //!   covers everything written to sled's log before it began).
 //! - Several groups waiting together share one journal write and sync.
+//! - Groups nobody waits on (consumer acks and nacks, expiry sweeps: no
+//!   publish reply, no sync) are written to the journal without a sync of
+//!   their own. The next sync covers them, at the latest [`LAZY_SYNC`]
+//!   later; a crash before it only redelivers what they settled
+//!   (at-least-once).
 //! - The journal is written from its start again only after such a flush
 //!   (a checkpoint): a full journal, or a group that asked for a sync.
 //! - A group with no writes (e.g. only duplicate publishes) is still answered
@@ -92,14 +97,43 @@ pub(super) struct Flusher {
 /// begins for an unchanged time to mean, later, that no file came or went.
 const BLOB_DIR_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Longest a journal record written without a sync waits for one.
+const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Flusher {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Applied>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.journal.dirty() {
+                match rx.recv_timeout(LAZY_SYNC) {
+                    Ok(group) => group,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.lazy_sync();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(group) => group,
+                    Err(_) => break,
+                }
+            };
             let mut groups = vec![first];
             while let Ok(next) = rx.try_recv() {
                 groups.push(next);
             }
             self.complete(groups);
+        }
+        self.lazy_sync();
+    }
+
+    fn lazy_sync(&mut self) {
+        if failure_of(&self.failed).is_some() {
+            return;
+        }
+        if let Err(e) = self.journal.sync() {
+            error!(cause = %e, "journal sync failed; publishes are refused until restart");
+            fail(&self.failed, &e.to_string());
         }
     }
 
@@ -136,10 +170,14 @@ impl Flusher {
     /// Journals the groups' writes; checkpoints when the journal is full or
     /// a group asked for it.
     fn sync(&mut self, groups: &[Applied]) -> Result<(), StorageError> {
+        let awaited = groups
+            .iter()
+            .any(|g| !g.replies.is_empty() || !g.syncs.is_empty());
         self.journal.append(
             groups
                 .iter()
                 .filter_map(|g| g.record.as_ref().map(|(lsn, ops)| (*lsn, ops))),
+            awaited,
         )?;
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
             self.checkpoint()?;
