@@ -6,13 +6,20 @@
 #
 # usage: benches/tls_cost.sh [rounds=5] [count=100000] [size=1024]
 #   env: JOINERY (default ./target/release/joinery)
+#        KEEP_DATA=1 (keep the two brokers' scratch data dirs, several GB, instead of removing them)
 set -euo pipefail
 ROUNDS=${1:-5}; N=${2:-100000}; S=${3:-1024}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 JOINERY=$(realpath "${JOINERY:-$ROOT/target/release/joinery}")
 WORK=$(mktemp -d /tmp/joinery-tls-cost.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+cleanup() {
+  for p in "${pids[@]}"; do
+    kill -TERM "$p" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
+  if [ "${KEEP_DATA:-0}" = 1 ]; then echo "data kept in $WORK"; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 
 start() { # start <name> <port> <metrics port> [extra [tls] lines]

@@ -180,11 +180,11 @@ impl schemas_server::Schemas for SchemasService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| super::status::to_status(BrokerError::Storage(e)))?;
-            // sled's flush alone does not reach stable storage: the writer's
-            // sync adds the fsync before the registration is answered.
+            // Written straight into sled, not journaled: a checkpoint makes
+            // sled durable before the registration is answered.
             self.broker
                 .store()
-                .sync()
+                .checkpoint()
                 .await
                 .map_err(|e| super::status::to_status(BrokerError::Storage(e)))?;
             registry.commit(next);

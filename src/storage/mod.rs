@@ -257,8 +257,10 @@ pub(crate) enum Op {
     Redrive(operator::RedriveOp),
     /// Some of a subscription's pending entries removed (operator action).
     Purge(operator::PurgeOp),
-    /// Answered after the next flush.
+    /// Answered once what came before is durable.
     Sync(oneshot::Sender<Result<(), StorageError>>),
+    /// Answered after the next checkpoint (sled flushed and fsynced).
+    Checkpoint(oneshot::Sender<Result<(), StorageError>>),
     /// Commit what came before, then end the writer thread.
     Stop,
 }
@@ -526,10 +528,18 @@ impl Store {
         self.send(Op::Requeue { sub, seq, pending }).await
     }
 
-    /// Waits for a flush of everything queued so far.
+    /// Waits until everything queued so far is durable (journaled).
     pub async fn sync(&self) -> Result<(), StorageError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::Sync(reply)).await?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Waits until sled itself is durable, with everything queued so far and
+    /// what was written to it directly ([`Store::put_schema`]).
+    pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Checkpoint(reply)).await?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -607,8 +617,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a registered schema package (flushed; follow with
-    /// [`Store::sync`] for the fsync). Blocking.
+    /// Stores a registered schema package, straight into sled (flushed;
+    /// follow with [`Store::checkpoint`] for the fsync). Blocking.
     pub fn put_schema(&self, package: &str, value: &[u8]) -> Result<(), StorageError> {
         let key = [&[keys::SCHEMA][..], package.as_bytes()].concat();
         self.inner.tree.insert(key, value)?;

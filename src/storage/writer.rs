@@ -72,6 +72,8 @@ struct Group {
     overlay: HashMap<Vec<u8>, bool>,
     replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
     syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
+    /// Someone asked for sled itself to be made durable.
+    checkpoint: bool,
     committed: HashMap<u32, u64>,
     woken: HashMap<u32, Arc<SubState>>,
     deltas: HashMap<u32, (Arc<SubState>, i64, i64)>,
@@ -237,6 +239,11 @@ impl Writer {
                 Op::Purge(op) => self.purge(&mut group, op, now),
                 Op::Sync(reply) => {
                     group.syncs.push(reply);
+                    Ok(())
+                }
+                Op::Checkpoint(reply) => {
+                    group.syncs.push(reply);
+                    group.checkpoint = true;
                     Ok(())
                 }
                 Op::Stop => {
@@ -687,6 +694,7 @@ impl Writer {
             mut ops,
             replies,
             syncs,
+            checkpoint,
             committed,
             woken,
             deltas,
@@ -731,7 +739,7 @@ impl Writer {
             },
         };
         let applied = Applied {
-            checkpoint: !syncs.is_empty(),
+            checkpoint,
             record,
             replies,
             syncs,

@@ -14,7 +14,7 @@
 //!   later; a crash before it only redelivers what they settled
 //!   (at-least-once).
 //! - The journal is written from its start again only after such a flush
-//!   (a checkpoint): a full journal, or a group that asked for a sync.
+//!   (a checkpoint): a full journal, or a group that asked for one.
 //! - A group with no writes (e.g. only duplicate publishes) is still answered
 //!   in order, so it never overtakes the durability of an earlier group it
 //!   depends on.
@@ -36,7 +36,7 @@ use super::super::{FlushStats, Published, StorageError, SubState, TopicState};
 pub(super) struct Applied {
     /// Its journal lsn and writes (None: it wrote nothing).
     pub record: Option<(u64, super::journal::Ops)>,
-    /// It asked for sled itself to be made durable (a [`crate::storage::Store::sync`]).
+    /// It asked for sled itself to be made durable ([`crate::storage::Store::checkpoint`]).
     pub checkpoint: bool,
     pub replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
     pub syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
