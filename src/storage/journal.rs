@@ -102,7 +102,7 @@ impl Journal {
             .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < CAPACITY {
-            let zeros = vec![0u8; 1 << 20];
+            let zeros = vec![0u8; 64 << 10];
             let mut at = len;
             while at < CAPACITY {
                 let n = (CAPACITY - at).min(zeros.len() as u64) as usize;

@@ -84,7 +84,6 @@ struct Group {
     /// Audit records of the group, in blocks.
     audit: audit::blocks::BlockWriter,
     publishes: u64,
-    writes: usize,
 }
 
 impl Group {
@@ -92,14 +91,12 @@ impl Group {
         self.changes.insert(key.to_vec(), Some(value.to_vec()));
         self.ops.insert(key, value);
         self.overlay.insert(key.to_vec(), true);
-        self.writes += 1;
     }
 
     fn del(&mut self, key: &[u8]) {
         self.changes.insert(key.to_vec(), None);
         self.ops.remove(key);
         self.overlay.insert(key.to_vec(), false);
-        self.writes += 1;
     }
 
     fn delta(&mut self, sub: &Arc<SubState>, depth: i64, dead: i64) {
@@ -354,7 +351,6 @@ impl Writer {
         let seq = *next;
         *next += 1;
         group.next_seqs.insert(topic, seq + 1);
-        group.writes += 1;
         if !targets.is_empty() {
             group.put(
                 &keys::message(topic, seq),
@@ -534,7 +530,6 @@ impl Writer {
         if let Some(chain) = self.audit.as_mut() {
             let (seq, value) = chain.append(event, now);
             group.audit.push(seq, &value);
-            group.writes += 1;
         }
     }
 
@@ -700,7 +695,6 @@ impl Writer {
             deltas,
             next_seqs,
             publishes,
-            writes,
             audit,
             ..
         } = group;
@@ -730,7 +724,8 @@ impl Writer {
             self.lsn += 1;
             Some((self.lsn, ops))
         };
-        let needs_flush = writes > 0 || !counts.is_empty() || !syncs.is_empty();
+        // Every lsn handed out must reach the journal: recovery stops at a gap.
+        let needs_flush = record.is_some() || !syncs.is_empty();
         let result = match &self.failed {
             Some(reason) => Err(StorageError::Unavailable(reason.clone())),
             None => match &record {
