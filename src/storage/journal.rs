@@ -9,9 +9,11 @@
 //! record is covered by sled and the file is written again from its start.
 //!
 //! # Record
-//! `len u32 | crc32 u32 | lsn u64 | ops`, little-endian; `len` counts the
-//! lsn and the ops, the CRC covers them. An op is `1 klen(u32) key vlen(u32)
-//! value` (insert) or `0 klen(u32) key` (remove).
+//! `len u32 | crc32 u32 | pass u64 | lsn u64 | ops`, little-endian; `len`
+//! counts the pass, lsn and ops, the CRC covers them. An op is `1 klen(u32)
+//! key vlen(u32) value` (insert) or `0 klen(u32) key` (remove). `pass`
+//! names one pass over the file (from its start, after an open or a
+//! checkpoint): every record of a pass carries it.
 //!
 //! # Invariants
 //! - Each group the writer applies with writes carries `J → lsn` in its
@@ -21,9 +23,13 @@
 //!   atomic), so at open the records with an lsn above sled's `J` are
 //!   exactly the groups sled lost; replaying them in order, as blind inserts
 //!   and removes, gives back the store as it was answered.
-//! - Reading stops at the first record that is torn, fails its CRC or does
-//!   not follow its predecessor's lsn: what is left of an earlier pass over
-//!   the file has smaller lsns and is never replayed.
+//! - Reading stops at the first record that is torn, fails its CRC, belongs
+//!   to another pass than the first record or does not follow its
+//!   predecessor's lsn: what is left of an earlier pass is never replayed,
+//!   even where a record of the new pass ends exactly where an old one began.
+//! - A new pass overwrites the file only once sled holds every record of the
+//!   old one durably: a checkpoint, or at open ([`recover`] flushes and
+//!   fsyncs sled whenever the journal held a record).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -40,7 +46,9 @@ pub const FILE: &str = "journal";
 /// fill level at which the flusher checkpoints.
 pub(super) const CAPACITY: u64 = 8 << 20;
 
-const HEADER: usize = 16;
+/// Length and CRC, then the pass and lsn that start every record's body.
+const HEADER: usize = 24;
+const BODY_MIN: usize = 16;
 const INSERT: u8 = 1;
 const REMOVE: u8 = 0;
 
@@ -79,8 +87,10 @@ pub(super) struct Journal {
     /// Where the next record goes.
     offset: u64,
     buf: Vec<u8>,
-    /// Records written since the last sync.
-    dirty: bool,
+    /// This pass over the file.
+    pass: u64,
+    /// When the oldest record not yet synced was written.
+    dirty_since: Option<std::time::Instant>,
 }
 
 impl Journal {
@@ -122,7 +132,8 @@ impl Journal {
             path,
             offset: 0,
             buf: Vec::new(),
-            dirty: false,
+            pass: new_pass(0),
+            dirty_since: None,
         })
     }
 
@@ -136,7 +147,7 @@ impl Journal {
     ) -> Result<(), StorageError> {
         self.buf.clear();
         for (lsn, ops) in records {
-            encode(&mut self.buf, lsn, ops);
+            encode(&mut self.buf, self.pass, lsn, ops);
         }
         if !self.buf.is_empty() {
             self.file
@@ -146,7 +157,7 @@ impl Journal {
                     source,
                 })?;
             self.offset += self.buf.len() as u64;
-            self.dirty = true;
+            self.dirty_since.get_or_insert_with(std::time::Instant::now);
         }
         if sync {
             self.sync()?;
@@ -160,19 +171,19 @@ impl Journal {
 
     /// Syncs records written without a sync, if any.
     pub(super) fn sync(&mut self) -> Result<(), StorageError> {
-        if self.dirty {
+        if self.dirty_since.is_some() {
             self.file.sync_data().map_err(|source| StorageError::Io {
                 path: self.path.clone(),
                 source,
             })?;
-            self.dirty = false;
+            self.dirty_since = None;
         }
         Ok(())
     }
 
-    /// Records are waiting for a sync.
-    pub(super) fn dirty(&self) -> bool {
-        self.dirty
+    /// When the oldest record waiting for a sync was written (None: none is).
+    pub(super) fn dirty_since(&self) -> Option<std::time::Instant> {
+        self.dirty_since
     }
 
     /// True once the file is full enough to checkpoint.
@@ -184,17 +195,30 @@ impl Journal {
     /// group was applied): start over from the beginning.
     pub(super) fn reset(&mut self) {
         self.offset = 0;
-        self.dirty = false;
+        self.pass = new_pass(self.pass);
+        self.dirty_since = None;
     }
 }
 
-fn encode(out: &mut Vec<u8>, lsn: u64, ops: &Ops) {
-    let len = 8 + ops.bytes.len();
+/// A pass id no earlier pass had: the clock's nanoseconds, and always more
+/// than the previous one.
+fn new_pass(previous: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    now.max(previous.wrapping_add(1))
+}
+
+fn encode(out: &mut Vec<u8>, pass: u64, lsn: u64, ops: &Ops) {
+    let len = BODY_MIN + ops.bytes.len();
     let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&pass.to_le_bytes());
     hasher.update(&lsn.to_le_bytes());
     hasher.update(&ops.bytes);
     out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&hasher.finalize().to_le_bytes());
+    out.extend_from_slice(&pass.to_le_bytes());
     out.extend_from_slice(&lsn.to_le_bytes());
     out.extend_from_slice(&ops.bytes);
 }
@@ -203,11 +227,11 @@ fn encode(out: &mut Vec<u8>, lsn: u64, ops: &Ops) {
 fn records(data: &[u8]) -> Vec<(u64, &[u8])> {
     let mut out = Vec::new();
     let mut at = 0usize;
-    let mut prev: Option<u64> = None;
+    let mut prev: Option<(u64, u64)> = None;
     while let Some(header) = data.get(at..at + HEADER) {
         let len = u32_at(header, 0) as usize;
         let crc = u32_at(header, 4);
-        if len < 8 {
+        if len < BODY_MIN {
             break;
         }
         let Some(body) = data.get(at + 8..at + 8 + len) else {
@@ -216,15 +240,22 @@ fn records(data: &[u8]) -> Vec<(u64, &[u8])> {
         if crc32fast::hash(body) != crc {
             break;
         }
-        let lsn = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
-        if prev.is_some_and(|p| p.checked_add(1) != Some(lsn)) {
+        let pass = u64_at(body, 0);
+        let lsn = u64_at(body, 8);
+        if prev.is_some_and(|(p, l)| p != pass || l.checked_add(1) != Some(lsn)) {
             break;
         }
-        prev = Some(lsn);
-        out.push((lsn, &body[8..]));
+        prev = Some((pass, lsn));
+        out.push((lsn, &body[BODY_MIN..]));
         at += 8 + len;
     }
     out
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -260,10 +291,12 @@ fn batch_of(lsn: u64, mut ops: &[u8]) -> Result<sled::Batch, StorageError> {
 
 /// The lsn of the last group applied to `db` (0: none yet).
 pub(super) fn applied_lsn(db: &sled::Db) -> Result<u64, StorageError> {
-    Ok(db
-        .get(keys::JOURNAL_LSN)?
-        .and_then(|v| keys::be_u64(&v))
-        .unwrap_or(0))
+    match db.get(keys::JOURNAL_LSN)? {
+        None => Ok(0),
+        Some(v) => keys::be_u64(&v).ok_or_else(|| StorageError::Corrupt {
+            what: "the store's journal position".into(),
+        }),
+    }
 }
 
 /// Replays into `db` the journal records sled lost, then makes them durable
@@ -279,7 +312,8 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> 
     let applied = applied_lsn(db)?;
     let mut expected = applied.saturating_add(1);
     let mut replayed = 0;
-    for (lsn, ops) in records(&data) {
+    let found = records(&data);
+    for &(lsn, ops) in &found {
         if lsn <= applied {
             continue;
         }
@@ -292,12 +326,17 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> 
             });
         }
         db.apply_batch(batch_of(lsn, ops)?)?;
-        expected = lsn + 1;
+        expected = lsn.saturating_add(1);
         replayed += 1;
     }
-    if replayed > 0 {
+    // The writer will write the journal over from its start: sled must hold
+    // these records durably first, replayed or not (after a clean stop or a
+    // kill, sled's last writes may still be only in the page cache).
+    if !found.is_empty() {
         db.flush()?;
         sync_store_files(dir)?;
+    }
+    if replayed > 0 {
         info!(
             groups = replayed,
             from = applied + 1,
@@ -349,13 +388,17 @@ mod tests {
         let a = ops(&[(b"k1", Some(b"v1"))]);
         let b = ops(&[(b"k1", None), (b"k2", Some(b"v2"))]);
         let mut data = Vec::new();
-        encode(&mut data, 7, &a);
-        encode(&mut data, 8, &b);
+        encode(&mut data, 1, 7, &a);
+        encode(&mut data, 1, 8, &b);
         let whole = data.len();
         // What an earlier pass left: a valid record, but not lsn 9.
-        encode(&mut data, 3, &a);
+        encode(&mut data, 0, 3, &a);
+        // Or lsn 9 exactly where it belongs, but of another pass.
+        let mut other_pass = data[..whole].to_vec();
+        encode(&mut other_pass, 0, 9, &a);
         let found = records(&data);
         assert_eq!(found.iter().map(|r| r.0).collect::<Vec<_>>(), [7, 8]);
+        assert_eq!(records(&other_pass).len(), 2);
 
         // The second record torn: only the first counts.
         let torn = &data[..whole - 1];
@@ -418,9 +461,9 @@ mod tests {
         journal
             .append([(1, &big), (2, &big), (3, &big)], false)
             .unwrap();
-        assert!(journal.dirty());
+        assert!(journal.dirty_since().is_some());
         journal.sync().unwrap();
-        assert!(!journal.dirty());
+        assert!(journal.dirty_since().is_none());
         // Checkpoint: sled has everything.
         db.insert(b"k", &[1u8; 300][..]).unwrap();
         db.insert(keys::JOURNAL_LSN, &3u64.to_be_bytes()).unwrap();

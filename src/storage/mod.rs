@@ -815,8 +815,10 @@ fn read_counters(db: &sled::Db, sub: u32) -> Result<(u64, u64), StorageError> {
     }
 }
 
-/// Opens an existing store's sled database without changing anything (for
-/// offline audit verification and export). The broker must not be running on it.
+/// Opens an existing store's sled database (for offline audit verification
+/// and export). It changes nothing but what opening always does: journal
+/// records a crash took from sled are replayed. The broker must not be
+/// running on it.
 pub fn open_existing(dir: &Path) -> Result<sled::Db, StorageError> {
     if !dir.join(FORMAT_MARKER).exists() {
         return Err(StorageError::Corrupt {

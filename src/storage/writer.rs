@@ -770,40 +770,31 @@ impl Writer {
     }
 }
 
-/// Applies a group's writes to sled as single-key operations, then its
-/// journal lsn.
+/// Applies a group's writes and its journal lsn to sled as one atomic
+/// `sled::Batch`.
 ///
-/// Not a `sled::Batch`: sled writes out its log buffer at the start of every
-/// batch (two `pwrite` + `sync_file_range` rounds on its I/O threads per
-/// group), and the journal already gives the group's atomicity across a
-/// crash: sled recovers a prefix of its operations, `J` comes last, and the
-/// replay rewrites a group sled holds only part of. Readers can see a group
-/// half applied, so the order keeps what they rely on: inserts in key order
-/// (a message `m` before its pending entries `p`), then removals in reverse
-/// key order (pending entries before their message). Dispatchers deliver no
-/// sequence before its group is durable.
-///
-/// If sled fails part-way, the group is refused and so is everything after
-/// it until a restart (sled's errors are sticky); what of the group reached
-/// sled stays there, as an unanswered group would.
+/// It must stay atomic: the writer applies a group before the flusher has
+/// journaled it, and sled may write any part of what it was given to disk at
+/// any time. Were a group applied key by key, a crash could leave part of a
+/// group that never reached the journal (a dedup entry without its sequence
+/// write, say), and nothing would repair it. As a batch, sled holds all of a
+/// group or none of it; a group it holds but the journal lacks was never
+/// answered. (Each batch costs sled a log-buffer write on its I/O threads;
+/// that is the price.)
 fn apply(
     db: &sled::Db,
     changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     lsn: u64,
 ) -> Result<(), StorageError> {
-    let mut removals = Vec::new();
+    let mut batch = sled::Batch::default();
     for (key, value) in changes {
         match value {
-            Some(value) => {
-                db.insert(key, value)?;
-            }
-            None => removals.push(key),
+            Some(value) => batch.insert(key, value),
+            None => batch.remove(key),
         }
     }
-    for key in removals.into_iter().rev() {
-        db.remove(key)?;
-    }
-    db.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes())?;
+    batch.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes());
+    db.apply_batch(batch)?;
     Ok(())
 }
 

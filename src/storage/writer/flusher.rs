@@ -103,8 +103,20 @@ const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
 impl Flusher {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Applied>) {
         loop {
-            let first = if self.journal.dirty() {
-                match rx.recv_timeout(LAZY_SYNC) {
+            // Once failed, nothing more is synced (every group is refused).
+            let dirty = match failure_of(&self.failed) {
+                Some(_) => None,
+                None => self.journal.dirty_since(),
+            };
+            let first = if let Some(since) = dirty {
+                // Counted from the oldest unsynced record, so that a steady
+                // trickle of groups cannot put the sync off.
+                let wait = LAZY_SYNC.saturating_sub(since.elapsed());
+                if wait.is_zero() {
+                    self.lazy_sync();
+                    continue;
+                }
+                match rx.recv_timeout(wait) {
                     Ok(group) => group,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         self.lazy_sync();
