@@ -2,27 +2,31 @@
 //!
 //! Making sled itself durable costs a `flush()` (a write and a
 //! `sync_file_range` per log buffer) and then an fsync of its file: two
-//! device syncs per group. Instead the writer applies each group to sled
-//! without waiting, and the flusher appends the group's writes to this file
-//! and syncs it once. Now and then (a full journal, or a [`super::Store::sync`])
-//! the flusher checkpoints: it flushes and fsyncs sled, after which every
-//! record is covered by sled and the file is written again from its start.
+//! device syncs per group. Instead the flusher appends each group's writes
+//! to this file and syncs it once, and only then applies them to sled, key
+//! by key, without waiting for sled's disk. Now and then (a full journal, or
+//! a [`super::Store::checkpoint`]) the flusher checkpoints: it flushes and
+//! fsyncs sled, after which every record is covered by sled and the file is
+//! written again from its start.
 //!
 //! # Record
 //! `len u32 | crc32 u32 | pass u64 | lsn u64 | ops`, little-endian; `len`
 //! counts the pass, lsn and ops, the CRC covers them. An op is `1 klen(u32)
-//! key vlen(u32) value` (insert) or `0 klen(u32) key` (remove). `pass`
-//! names one pass over the file (from its start, after an open or a
-//! checkpoint): every record of a pass carries it.
+//! key vlen(u32) value` (insert) or `0 klen(u32) key` (remove), one per key
+//! the group wrote (its last write). `pass` names one pass over the file
+//! (from its start, after an open or a checkpoint): every record of a pass
+//! carries it.
 //!
 //! # Invariants
-//! - Each group the writer applies with writes carries `J → lsn` in its
-//!   sled batch, the lsn one more than the previous group's.
-//! - A group is answered only after its record is written and synced.
-//! - sled recovers a prefix of the batches applied to it (each batch is
-//!   atomic), so at open the records with an lsn above sled's `J` are
-//!   exactly the groups sled lost; replaying them in order, as blind inserts
-//!   and removes, gives back the store as it was answered.
+//! - A group's record is written and synced before any of its writes reaches
+//!   sled: sled, which writes what it is given to disk whenever it likes,
+//!   can never hold a write the journal lacks.
+//! - Each group with writes ends with `J → lsn` in sled, the lsn one more
+//!   than the previous group's, written after all its other writes.
+//! - sled recovers a prefix of the operations applied to it, so at open it
+//!   holds every group up to its `J` and perhaps part of the next; replaying
+//!   every record with an lsn above `J`, in order, as blind inserts and
+//!   removes, gives back the store as it was answered.
 //! - Reading stops at the first record that is torn, fails its CRC, belongs
 //!   to another pass than the first record or does not follow its
 //!   predecessor's lsn: what is left of an earlier pass is never replayed,
@@ -31,6 +35,7 @@
 //!   old one durably: a checkpoint, or at open ([`recover`] flushes and
 //!   fsyncs sled whenever the journal held a record).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -52,28 +57,8 @@ const BODY_MIN: usize = 16;
 const INSERT: u8 = 1;
 const REMOVE: u8 = 0;
 
-/// The writes of one group, in the order made.
-#[derive(Default)]
-pub(super) struct Ops {
-    bytes: Vec<u8>,
-}
-
-impl Ops {
-    pub(super) fn insert(&mut self, key: &[u8], value: &[u8]) {
-        self.bytes.push(INSERT);
-        put_slice(&mut self.bytes, key);
-        put_slice(&mut self.bytes, value);
-    }
-
-    pub(super) fn remove(&mut self, key: &[u8]) {
-        self.bytes.push(REMOVE);
-        put_slice(&mut self.bytes, key);
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
-}
+/// The writes of one group: each key's last write (None: removed).
+pub(super) type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 fn put_slice(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -89,8 +74,6 @@ pub(super) struct Journal {
     buf: Vec<u8>,
     /// This pass over the file.
     pass: u64,
-    /// When the oldest record not yet synced was written.
-    dirty_since: Option<std::time::Instant>,
 }
 
 impl Journal {
@@ -133,57 +116,34 @@ impl Journal {
             offset: 0,
             buf: Vec::new(),
             pass: new_pass(0),
-            dirty_since: None,
         })
     }
 
-    /// Writes the records, and with `sync` syncs the file: once this
-    /// returns, they (and every record before them) survive a crash.
-    /// Without, they are durable after the next [`Journal::sync`].
+    /// Writes the records and syncs the file: once this returns, they (and
+    /// every record before them) survive a crash.
     pub(super) fn append<'a>(
         &mut self,
-        records: impl IntoIterator<Item = (u64, &'a Ops)>,
-        sync: bool,
+        records: impl IntoIterator<Item = (u64, &'a Changes)>,
     ) -> Result<(), StorageError> {
         self.buf.clear();
-        for (lsn, ops) in records {
-            encode(&mut self.buf, self.pass, lsn, ops);
+        for (lsn, changes) in records {
+            encode(&mut self.buf, self.pass, lsn, changes);
         }
-        if !self.buf.is_empty() {
-            self.file
-                .write_all_at(&self.buf, self.offset)
-                .map_err(|source| StorageError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            self.offset += self.buf.len() as u64;
-            self.dirty_since.get_or_insert_with(std::time::Instant::now);
+        if self.buf.is_empty() {
+            return Ok(());
         }
-        if sync {
-            self.sync()?;
-        }
+        let io = |source| StorageError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.write_all_at(&self.buf, self.offset).map_err(io)?;
+        self.offset += self.buf.len() as u64;
+        self.file.sync_data().map_err(io)?;
         // A burst can leave a large buffer behind: do not keep it.
         if self.buf.capacity() > 4 << 20 {
             self.buf = Vec::new();
         }
         Ok(())
-    }
-
-    /// Syncs records written without a sync, if any.
-    pub(super) fn sync(&mut self) -> Result<(), StorageError> {
-        if self.dirty_since.is_some() {
-            self.file.sync_data().map_err(|source| StorageError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-            self.dirty_since = None;
-        }
-        Ok(())
-    }
-
-    /// When the oldest record waiting for a sync was written (None: none is).
-    pub(super) fn dirty_since(&self) -> Option<std::time::Instant> {
-        self.dirty_since
     }
 
     /// True once the file is full enough to checkpoint.
@@ -196,7 +156,6 @@ impl Journal {
     pub(super) fn reset(&mut self) {
         self.offset = 0;
         self.pass = new_pass(self.pass);
-        self.dirty_since = None;
     }
 }
 
@@ -210,17 +169,29 @@ fn new_pass(previous: u64) -> u64 {
     now.max(previous.wrapping_add(1))
 }
 
-fn encode(out: &mut Vec<u8>, pass: u64, lsn: u64, ops: &Ops) {
-    let len = BODY_MIN + ops.bytes.len();
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&pass.to_le_bytes());
-    hasher.update(&lsn.to_le_bytes());
-    hasher.update(&ops.bytes);
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&hasher.finalize().to_le_bytes());
+fn encode(out: &mut Vec<u8>, pass: u64, lsn: u64, changes: &Changes) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 8]); // len and crc, filled in below
     out.extend_from_slice(&pass.to_le_bytes());
     out.extend_from_slice(&lsn.to_le_bytes());
-    out.extend_from_slice(&ops.bytes);
+    for (key, value) in changes {
+        match value {
+            Some(value) => {
+                out.push(INSERT);
+                put_slice(out, key);
+                put_slice(out, value);
+            }
+            None => {
+                out.push(REMOVE);
+                put_slice(out, key);
+            }
+        }
+    }
+    let body = &out[start + 8..];
+    let len = body.len() as u32;
+    let crc = crc32fast::hash(body);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The intact records at the start of `data`, in order: (lsn, ops).
@@ -368,15 +339,11 @@ fn sync_store_files(dir: &Path) -> Result<(), StorageError> {
 mod tests {
     use super::*;
 
-    fn ops(pairs: &[(&[u8], Option<&[u8]>)]) -> Ops {
-        let mut ops = Ops::default();
-        for (key, value) in pairs {
-            match value {
-                Some(v) => ops.insert(key, v),
-                None => ops.remove(key),
-            }
-        }
-        ops
+    fn ops(pairs: &[(&[u8], Option<&[u8]>)]) -> Changes {
+        pairs
+            .iter()
+            .map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec)))
+            .collect()
     }
 
     fn get(db: &sled::Db, key: &[u8]) -> Option<Vec<u8>> {
@@ -425,7 +392,7 @@ mod tests {
         let g6 = ops(&[(b"k1", None), (b"k2", Some(b"from 6"))]);
         let g7 = ops(&[(b"k2", Some(b"from 7")), (b"k3", Some(b"from 7"))]);
         journal
-            .append([(4, &g4), (5, &g5), (6, &g6), (7, &g7)], true)
+            .append([(4, &g4), (5, &g5), (6, &g6), (7, &g7)])
             .unwrap();
 
         assert_eq!(recover(&db, tmp.path()).unwrap(), 2);
@@ -440,13 +407,39 @@ mod tests {
     }
 
     #[test]
+    fn recovery_completes_a_group_sled_holds_only_in_part() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(tmp.path()).open().unwrap();
+        // Group 5 is whole in sled; group 6 was being applied key by key
+        // when the process died: its first insert reached sled, its second
+        // insert, its removal and its J did not.
+        db.insert(b"gone", b"from 5").unwrap();
+        db.insert(keys::JOURNAL_LSN, &5u64.to_be_bytes()).unwrap();
+        db.insert(b"a", b"from 6").unwrap();
+        db.flush().unwrap();
+        let mut journal = Journal::open(tmp.path()).unwrap();
+        let g6 = ops(&[
+            (b"a", Some(b"from 6")),
+            (b"b", Some(b"from 6")),
+            (b"gone", None),
+        ]);
+        journal.append([(6, &g6)]).unwrap();
+
+        assert_eq!(recover(&db, tmp.path()).unwrap(), 1);
+        assert_eq!(get(&db, b"a").as_deref(), Some(&b"from 6"[..]));
+        assert_eq!(get(&db, b"b").as_deref(), Some(&b"from 6"[..]));
+        assert_eq!(get(&db, b"gone"), None);
+        assert_eq!(applied_lsn(&db).unwrap(), 6);
+    }
+
+    #[test]
     fn a_gap_between_the_store_and_the_journal_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(tmp.path()).open().unwrap();
         db.insert(keys::JOURNAL_LSN, &5u64.to_be_bytes()).unwrap();
         let mut journal = Journal::open(tmp.path()).unwrap();
         let g = ops(&[(b"k", Some(b"v"))]);
-        journal.append([(7, &g), (8, &g)], true).unwrap();
+        journal.append([(7, &g), (8, &g)]).unwrap();
         let err = recover(&db, tmp.path()).unwrap_err();
         assert!(err.to_string().contains("group 7"), "{err}");
         assert_eq!(get(&db, b"k"), None);
@@ -458,18 +451,13 @@ mod tests {
         let db = sled::Config::new().path(tmp.path()).open().unwrap();
         let mut journal = Journal::open(tmp.path()).unwrap();
         let big = ops(&[(b"k", Some(&[1u8; 300][..]))]);
-        journal
-            .append([(1, &big), (2, &big), (3, &big)], false)
-            .unwrap();
-        assert!(journal.dirty_since().is_some());
-        journal.sync().unwrap();
-        assert!(journal.dirty_since().is_none());
+        journal.append([(1, &big), (2, &big), (3, &big)]).unwrap();
         // Checkpoint: sled has everything.
         db.insert(b"k", &[1u8; 300][..]).unwrap();
         db.insert(keys::JOURNAL_LSN, &3u64.to_be_bytes()).unwrap();
         journal.reset();
         let small = ops(&[(b"k", Some(b"4"))]);
-        journal.append([(4, &small)], true).unwrap();
+        journal.append([(4, &small)]).unwrap();
         assert_eq!(recover(&db, tmp.path()).unwrap(), 1);
         assert_eq!(get(&db, b"k").as_deref(), Some(&b"4"[..]));
     }

@@ -26,18 +26,22 @@
 //!
 //! # Writes: one writer thread, group commit
 //! Every mutation goes to a single writer thread ([`writer`]) as an [`Op`]. It
-//! takes everything queued (up to `max_batch` operations), turns it into one
-//! `sled::Batch` — applied atomically, so a publish's message, pending entries
-//! and dedup entry appear together or not at all, even after `kill -9` — then
-//! `flush()`es sled and fsyncs its files (sled's own flush uses
+//! takes everything queued (up to `max_batch` operations) and builds it into
+//! one group of writes; the flusher thread appends the group to the
+//! [`journal`] with one `pwrite` and one `fdatasync`, and only then applies
+//! it to sled and answers the group's publishes and wakes its subscriptions.
+//! The journal gives a group its atomicity across a crash: a publish's
+//! message, pending entries and dedup entry are in the journal together
+//! before sled sees any of them, and a group sled holds only in part at a
+//! crash is replayed whole at open. Publishes that arrive during a sync wait
+//! for the next one, so under load one sync covers many publishes. sled
+//! itself is flushed and fsynced only at checkpoints (its own flush uses
 //! `sync_file_range`, which does not flush the disk's write cache, and it
-//! writes large values to blob files without syncing them). Only then are
-//! publishes answered and subscriptions told new messages are there. Publishes
-//! that arrive during a flush wait for the next one, so under load one fsync
-//! covers many publishes.
+//! writes large values to blob files without syncing them).
 //!
 //! # Invariants
-//! - A publish is answered OK only after the flush and fsync covering it.
+//! - A publish is answered OK only after the journal sync covering it, and
+//!   after its writes are applied to sled.
 //! - A subscription is only ever shown messages at or below its topic's
 //!   `committed` sequence, i.e. durable ones.
 //! - Reads (`scan_pending`, `load_message`, ...) are blocking sled calls:

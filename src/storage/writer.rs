@@ -1,21 +1,23 @@
-//! The writer thread: applies [`Op`]s in arrival order, one group at a time,
-//! and records the same writes for the journal; the
-//! [`flusher`] thread makes each group durable (one journal write + fdatasync
-//! for every group waiting) and only then answers it (group commit,
-//! pipelined: the next group is built while one is made durable).
+//! The writer thread: turns [`Op`]s, in arrival order, into groups of
+//! writes, one group at a time; the [`flusher`] thread makes each group
+//! durable (one journal write + fdatasync for every group waiting), then
+//! applies it to sled and only then answers it (group commit, pipelined: the
+//! next group is built while one is made durable and applied).
 //!
-//! Reads it makes while building a batch (dedup lookups, "does another
-//! subscription still hold this message?") go through an overlay of the keys
-//! already written in the same batch, so a batch sees its own writes.
+//! Reads it makes while building a group (dedup lookups, "does another
+//! subscription still hold this message?") see, newest first, the group's
+//! own writes, then the groups handed to the flusher but not yet applied,
+//! then sled. Range scans (sweeps, purge, redrive) first wait until every
+//! group handed over is applied, so sled alone is complete for them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::journal::{self, Ops};
+use super::journal::{self, Changes};
 use super::keys;
 use super::records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 use super::{
@@ -26,7 +28,7 @@ use crate::audit::{self, AuditEvent, Chain, EventKind};
 mod flusher;
 mod operator;
 
-use flusher::{Applied, Failure, Flusher};
+use flusher::{Applied, Failure, Flusher, Progress};
 
 /// Most expired messages or dedup entries handled per sweep (the rest wait
 /// for the next tick).
@@ -57,19 +59,20 @@ pub(super) struct Writer {
     audit: Option<Chain>,
     /// agency → its delivery-report topic and subscription.
     reports: HashMap<String, (Arc<TopicState>, Arc<SubState>)>,
-    /// Journal lsn of the last group applied.
+    /// Journal lsn of the last group handed to the flusher.
     lsn: u64,
+    /// Groups handed to the flusher and not yet applied to sled, oldest
+    /// first, with their lsn: reads see them before sled.
+    unapplied: VecDeque<(u64, Arc<Changes>)>,
+    /// How far the flusher has applied (or refused) the groups.
+    progress: Arc<Progress>,
 }
 
 /// State of one group commit being built.
 #[derive(Default)]
 struct Group {
-    /// Each key's last write in the group (None: removed), as in a
-    /// `sled::Batch`.
-    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// The batch's writes again, for the journal.
-    ops: Ops,
-    overlay: HashMap<Vec<u8>, bool>,
+    /// Each key's last write in the group (None: removed).
+    changes: Changes,
     replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
     syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
     /// Someone asked for sled itself to be made durable.
@@ -79,8 +82,6 @@ struct Group {
     deltas: HashMap<u32, (Arc<SubState>, i64, i64)>,
     /// Next sequence of each topic that took one, written once per group.
     next_seqs: HashMap<u32, u64>,
-    /// Dedup values written earlier in this batch (read-your-writes).
-    dedup_values: HashMap<Vec<u8>, Vec<u8>>,
     /// Audit records of the group, in blocks.
     audit: audit::blocks::BlockWriter,
     publishes: u64,
@@ -89,14 +90,10 @@ struct Group {
 impl Group {
     fn put(&mut self, key: &[u8], value: &[u8]) {
         self.changes.insert(key.to_vec(), Some(value.to_vec()));
-        self.ops.insert(key, value);
-        self.overlay.insert(key.to_vec(), true);
     }
 
     fn del(&mut self, key: &[u8]) {
         self.changes.insert(key.to_vec(), None);
-        self.ops.remove(key);
-        self.overlay.insert(key.to_vec(), false);
     }
 
     fn delta(&mut self, sub: &Arc<SubState>, depth: i64, dead: i64) {
@@ -127,8 +124,10 @@ impl Writer {
         let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
         let lsn = journal::applied_lsn(&db)?;
         let failure = Failure::default();
+        let progress = Arc::new(Progress::new(lsn));
         let flusher = Flusher {
             db: db.clone(),
+            progress: progress.clone(),
             dir: dir.to_path_buf(),
             db_file,
             journal: journal::Journal::open(dir)?,
@@ -163,6 +162,8 @@ impl Writer {
             audit,
             reports,
             lsn,
+            unapplied: VecDeque::new(),
+            progress,
         })
     }
 
@@ -202,6 +203,14 @@ impl Writer {
         if self.failed.is_none() {
             self.failed = flusher::failure_of(&self.failure);
         }
+        let applied = self.progress.lsn();
+        while self
+            .unapplied
+            .front()
+            .is_some_and(|(lsn, _)| *lsn <= applied)
+        {
+            self.unapplied.pop_front();
+        }
         let now = now_ms();
         let mut group = Group::default();
         let mut stop = false;
@@ -231,9 +240,18 @@ impl Writer {
                         Err(e) => Err(e),
                     }
                 }
-                Op::Tick => self.sweep(&mut group, now),
-                Op::Redrive(op) => self.redrive(&mut group, op, now),
-                Op::Purge(op) => self.purge(&mut group, op, now),
+                Op::Tick => {
+                    self.wait_applied();
+                    self.sweep(&mut group, now)
+                }
+                Op::Redrive(op) => {
+                    self.wait_applied();
+                    self.redrive(&mut group, op, now)
+                }
+                Op::Purge(op) => {
+                    self.wait_applied();
+                    self.purge(&mut group, op, now)
+                }
                 Op::Sync(reply) => {
                     group.syncs.push(reply);
                     Ok(())
@@ -257,11 +275,39 @@ impl Writer {
         stop
     }
 
+    /// The last write to `key` not yet in sled: in this group, else in
+    /// the newest unapplied group that wrote it (None: sled has the latest).
+    fn unapplied<'a>(&'a self, group: &'a Group, key: &[u8]) -> Option<Option<&'a [u8]>> {
+        if let Some(v) = group.changes.get(key) {
+            return Some(v.as_deref());
+        }
+        self.unapplied
+            .iter()
+            .rev()
+            .find_map(|(_, changes)| changes.get(key))
+            .map(|v| v.as_deref())
+    }
+
     fn exists(&self, group: &Group, key: &[u8]) -> Result<bool, StorageError> {
-        match group.overlay.get(key) {
-            Some(present) => Ok(*present),
+        match self.unapplied(group, key) {
+            Some(value) => Ok(value.is_some()),
             None => Ok(self.db.contains_key(key)?),
         }
+    }
+
+    fn get(&self, group: &Group, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.unapplied(group, key) {
+            Some(value) => Ok(value.map(<[u8]>::to_vec)),
+            None => Ok(self.db.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Waits until every group handed to the flusher is applied to sled (or
+    /// refused), so that a range scan of sled misses nothing.
+    fn wait_applied(&mut self) {
+        let flusher_alive = || self.flusher.as_ref().is_some_and(|f| !f.is_finished());
+        self.progress.wait_for(self.lsn, flusher_alive);
+        self.unapplied.clear();
     }
 
     fn publish(
@@ -277,16 +323,12 @@ impl Writer {
         let topic = p.topic.id;
         if let Some(dedup_key) = &p.dedup_key {
             // A publish earlier in this very batch wins over what is stored.
-            let existing = match group.dedup_values.get(dedup_key) {
-                Some(v) => Some(v.clone()),
-                None if group.overlay.get(dedup_key.as_slice()) == Some(&false) => None,
-                None => match self.db.get(dedup_key) {
-                    Ok(v) => v.map(|v| v.to_vec()),
-                    Err(e) => {
-                        let _ = p.reply.send(Err(StorageError::Unavailable(e.to_string())));
-                        return Err(e.into());
-                    }
-                },
+            let existing = match self.get(group, dedup_key) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = p.reply.send(Err(StorageError::Unavailable(e.to_string())));
+                    return Err(e);
+                }
             };
             if let Some(v) = existing {
                 let seq = keys::be_u64(&v);
@@ -316,12 +358,11 @@ impl Writer {
             expiry_by_order: p.expiry_by_order,
         };
         let seq = self.append(group, topic, &p.targets, header, &p.envelope);
-        if let Some(dedup_key) = p.dedup_key.clone() {
+        if let Some(dedup_key) = &p.dedup_key {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&p.publish_ms.to_be_bytes());
-            group.put(&dedup_key, &value);
-            group.put(&keys::dedup_by_time(p.publish_ms, &dedup_key), &[]);
-            group.dedup_values.insert(dedup_key, value);
+            group.put(dedup_key, &value);
+            group.put(&keys::dedup_by_time(p.publish_ms, dedup_key), &[]);
         }
         let event = publish_event(&p, EventKind::Publish, seq);
         self.record(group, &event, now);
@@ -514,8 +555,7 @@ impl Writer {
         let indexed_expiry = match known {
             Some(message) => message.indexed_expiry(),
             None => self
-                .db
-                .get(key)?
+                .get(group, &key)?
                 .and_then(|v| StoredMessage::indexed_expiry_of(&v)),
         };
         group.del(&key);
@@ -681,12 +721,11 @@ impl Writer {
             .unwrap_or_else(|| (sub.depth(), sub.dead_letters()))
     }
 
-    /// Applies the batch and hands the group to the flusher, which answers
-    /// and wakes once it is durable.
+    /// Hands the group to the flusher, which makes it durable, applies it
+    /// to sled, then answers and wakes.
     fn finish(&mut self, group: Group) {
         let Group {
             mut changes,
-            mut ops,
             replies,
             syncs,
             checkpoint,
@@ -700,7 +739,6 @@ impl Writer {
         } = group;
         let mut put = |key: &[u8], value: &[u8]| {
             changes.insert(key.to_vec(), Some(value.to_vec()));
-            ops.insert(key, value);
         };
         for (key, value) in audit.finish() {
             put(&key, &value);
@@ -718,21 +756,17 @@ impl Writer {
             put(&keys::counters(sub.id), &value);
             counts.push((sub, depth, dead));
         }
-        let record = if ops.is_empty() || self.failed.is_some() {
+        let record = if changes.is_empty() || self.failed.is_some() {
             None
         } else {
+            // Every lsn handed out must reach the journal: recovery stops
+            // at a gap.
             self.lsn += 1;
-            Some((self.lsn, ops))
+            let changes = Arc::new(changes);
+            self.unapplied.push_back((self.lsn, changes.clone()));
+            Some((self.lsn, changes))
         };
-        // Every lsn handed out must reach the journal: recovery stops at a gap.
         let needs_flush = record.is_some() || !syncs.is_empty();
-        let result = match &self.failed {
-            Some(reason) => Err(StorageError::Unavailable(reason.clone())),
-            None => match &record {
-                Some((lsn, _)) => apply(&self.db, changes, *lsn),
-                None => Ok(()),
-            },
-        };
         let applied = Applied {
             checkpoint,
             record,
@@ -747,11 +781,8 @@ impl Writer {
             publishes,
             needs_flush,
         };
-        if let Err(e) = result {
-            error!(cause = %e, "group commit failed; publishes are refused until restart");
-            let reason = e.to_string();
-            applied.refuse(&reason);
-            self.failed.get_or_insert(reason);
+        if let Some(reason) = &self.failed {
+            applied.refuse(reason);
             return;
         }
         for (sub, depth, dead) in &applied.counts {
@@ -768,34 +799,6 @@ impl Writer {
             self.failed.get_or_insert(reason);
         }
     }
-}
-
-/// Applies a group's writes and its journal lsn to sled as one atomic
-/// `sled::Batch`.
-///
-/// It must stay atomic: the writer applies a group before the flusher has
-/// journaled it, and sled may write any part of what it was given to disk at
-/// any time. Were a group applied key by key, a crash could leave part of a
-/// group that never reached the journal (a dedup entry without its sequence
-/// write, say), and nothing would repair it. As a batch, sled holds all of a
-/// group or none of it; a group it holds but the journal lacks was never
-/// answered. (Each batch costs sled a log-buffer write on its I/O threads;
-/// that is the price.)
-fn apply(
-    db: &sled::Db,
-    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    lsn: u64,
-) -> Result<(), StorageError> {
-    let mut batch = sled::Batch::default();
-    for (key, value) in changes {
-        match value {
-            Some(value) => batch.insert(key, value),
-            None => batch.remove(key),
-        }
-    }
-    batch.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes());
-    db.apply_batch(batch)?;
-    Ok(())
 }
 
 fn apply_delta(value: u64, delta: i64) -> u64 {

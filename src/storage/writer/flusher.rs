@@ -1,41 +1,41 @@
-//! The flusher thread: makes applied batches durable and only then answers
-//! them. The writer applies group N+1 to sled while this thread journals
-//! group N, so building batches (CPU) overlaps waiting for the disk.
+//! The flusher thread: makes handed-over groups durable, applies them to
+//! sled and only then answers them. The writer builds group N+1 while this
+//! thread journals and applies group N, so building groups (CPU) overlaps
+//! waiting for the disk.
 //!
 //! # Invariants
-//! - Groups are answered in the order the writer applied them, each only
-//!   after its journal record is written and synced, or after a sled
-//!   `flush()` + fsync that started after the group was applied (a flush
-//!   covers everything written to sled's log before it began).
+//! - A group reaches sled only after its journal record is written and
+//!   synced (see [`super::super::journal`]), and is answered only after it
+//!   is applied: whatever a client was told, or a dispatcher woken for, is
+//!   both durable and readable in sled.
+//! - Groups are applied and answered in the order the writer built them.
 //! - Several groups waiting together share one journal write and sync.
-//! - Groups nobody waits on (consumer acks and nacks, expiry sweeps: no
-//!   publish reply, no sync) are written to the journal without a sync of
-//!   their own. The next sync covers them, at the latest [`LAZY_SYNC`]
-//!   later; a crash before it only redelivers what they settled
-//!   (at-least-once).
-//! - The journal is written from its start again only after such a flush
-//!   (a checkpoint): a full journal, or a group that asked for one.
+//! - The journal is written from its start again only after sled's own
+//!   flush + fsync (a checkpoint): a full journal, or a group that asked for
+//!   one.
 //! - A group with no writes (e.g. only duplicate publishes) is still answered
 //!   in order, so it never overtakes the durability of an earlier group it
 //!   depends on.
 //! - Once a flush fails, every later group is refused: sled's errors are
 //!   sticky, and nothing may be acknowledged that is not durable.
+//! - [`Progress`] passes each group's lsn once it is applied or refused.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 use tracing::{debug, error};
 
-use super::super::{FlushStats, Published, StorageError, SubState, TopicState};
+use super::super::journal::Changes;
+use super::super::{keys, FlushStats, Published, StorageError, SubState, TopicState};
 
 /// A group applied to sled, waiting for durability.
 pub(super) struct Applied {
     /// Its journal lsn and writes (None: it wrote nothing).
-    pub record: Option<(u64, super::journal::Ops)>,
+    pub record: Option<(u64, Arc<Changes>)>,
     /// It asked for sled itself to be made durable ([`crate::storage::Store::checkpoint`]).
     pub checkpoint: bool,
     pub replies: Vec<(oneshot::Sender<Result<Published, StorageError>>, Published)>,
@@ -81,8 +81,57 @@ fn fail(failed: &Failure, reason: &str) {
     slot.get_or_insert_with(|| reason.to_string());
 }
 
+/// The lsn of the last group the flusher has applied to sled or refused,
+/// for the writer to wait on.
+pub(super) struct Progress {
+    lsn: AtomicU64,
+    lock: Mutex<()>,
+    advanced: Condvar,
+}
+
+impl Progress {
+    pub(super) fn new(lsn: u64) -> Self {
+        Self {
+            lsn: AtomicU64::new(lsn),
+            lock: Mutex::new(()),
+            advanced: Condvar::new(),
+        }
+    }
+
+    pub(super) fn lsn(&self) -> u64 {
+        self.lsn.load(Ordering::Acquire)
+    }
+
+    fn advance(&self, lsn: u64) {
+        self.lsn.fetch_max(lsn, Ordering::AcqRel);
+        let _guard = match self.lock.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        self.advanced.notify_all();
+    }
+
+    /// Waits until `lsn` is passed, or `alive()` says the flusher is gone.
+    pub(super) fn wait_for(&self, lsn: u64, alive: impl Fn() -> bool) {
+        let mut guard = match self.lock.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        while self.lsn() < lsn && alive() {
+            guard = match self
+                .advanced
+                .wait_timeout(guard, std::time::Duration::from_millis(50))
+            {
+                Ok((g, _)) => g,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+}
+
 pub(super) struct Flusher {
     pub db: sled::Db,
+    pub progress: Arc<Progress>,
     pub dir: PathBuf,
     pub db_file: std::fs::File,
     pub journal: super::journal::Journal,
@@ -97,55 +146,14 @@ pub(super) struct Flusher {
 /// begins for an unchanged time to mean, later, that no file came or went.
 const BLOB_DIR_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Longest a journal record written without a sync waits for one.
-const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
-
 impl Flusher {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Applied>) {
-        loop {
-            // Once failed, nothing more is synced (every group is refused).
-            let dirty = match failure_of(&self.failed) {
-                Some(_) => None,
-                None => self.journal.dirty_since(),
-            };
-            let first = if let Some(since) = dirty {
-                // Counted from the oldest unsynced record, so that a steady
-                // trickle of groups cannot put the sync off.
-                let wait = LAZY_SYNC.saturating_sub(since.elapsed());
-                if wait.is_zero() {
-                    self.lazy_sync();
-                    continue;
-                }
-                match rx.recv_timeout(wait) {
-                    Ok(group) => group,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.lazy_sync();
-                        continue;
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(group) => group,
-                    Err(_) => break,
-                }
-            };
+        while let Ok(first) = rx.recv() {
             let mut groups = vec![first];
             while let Ok(next) = rx.try_recv() {
                 groups.push(next);
             }
             self.complete(groups);
-        }
-        self.lazy_sync();
-    }
-
-    fn lazy_sync(&mut self) {
-        if failure_of(&self.failed).is_some() {
-            return;
-        }
-        if let Err(e) = self.journal.sync() {
-            error!(cause = %e, "journal sync failed; publishes are refused until restart");
-            fail(&self.failed, &e.to_string());
         }
     }
 
@@ -157,6 +165,9 @@ impl Flusher {
             None if needs_flush => self.sync(&groups),
             None => Ok(()),
         };
+        if let Some(last) = groups.iter().filter_map(|g| g.record.as_ref()).next_back() {
+            self.progress.advance(last.0);
+        }
         if let Err(e) = &result {
             error!(cause = %e, "group commit failed; publishes are refused until restart");
             fail(&self.failed, &e.to_string());
@@ -179,18 +190,15 @@ impl Flusher {
         }
     }
 
-    /// Journals the groups' writes; checkpoints when the journal is full or
-    /// a group asked for it.
+    /// Journals the groups' writes, applies them to sled, and checkpoints
+    /// when the journal is full or a group asked for it.
     fn sync(&mut self, groups: &[Applied]) -> Result<(), StorageError> {
-        let awaited = groups
-            .iter()
-            .any(|g| !g.replies.is_empty() || !g.syncs.is_empty());
-        self.journal.append(
-            groups
-                .iter()
-                .filter_map(|g| g.record.as_ref().map(|(lsn, ops)| (*lsn, ops))),
-            awaited,
-        )?;
+        let records = || groups.iter().filter_map(|g| g.record.as_ref());
+        self.journal
+            .append(records().map(|(lsn, changes)| (*lsn, &**changes)))?;
+        for (lsn, changes) in records() {
+            apply(&self.db, changes, *lsn)?;
+        }
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
             self.checkpoint()?;
         }
@@ -280,6 +288,31 @@ impl Flusher {
     }
 }
 
+/// Applies a durable group's writes to sled as single-key operations, then
+/// its journal lsn.
+///
+/// Not a `sled::Batch`: sled writes out its log buffer at the start of every
+/// batch (two `pwrite` + `sync_file_range` rounds on its I/O threads per
+/// group). The journal gives the group's atomicity across a crash instead:
+/// sled recovers a prefix of its operations, `J` comes last, and the replay
+/// rewrites a group sled holds only part of. Readers can see a group half
+/// applied, so the order keeps what they rely on: inserts in key order (a
+/// message `m` before its pending entries `p`), then removals in reverse key
+/// order (pending entries before their message). Dispatchers deliver no
+/// sequence before its group is applied.
+fn apply(db: &sled::Db, changes: &Changes, lsn: u64) -> Result<(), StorageError> {
+    for (key, value) in changes {
+        if let Some(value) = value {
+            db.insert(&key[..], &value[..])?;
+        }
+    }
+    for (key, _) in changes.iter().rev().filter(|(_, v)| v.is_none()) {
+        db.remove(&key[..])?;
+    }
+    db.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes())?;
+    Ok(())
+}
+
 /// Publishes counters and sequences, then answers and wakes (or refuses).
 fn answer(group: Applied, result: &Result<(), StorageError>) {
     match result {
@@ -314,6 +347,7 @@ mod tests {
         let db = sled::Config::new().path(dir.join("store")).open().unwrap();
         Flusher {
             db,
+            progress: Arc::new(Progress::new(0)),
             dir: dir.to_path_buf(),
             db_file: std::fs::File::open(dir.join("store").join("db")).unwrap(),
             journal: super::super::journal::Journal::open(&dir.join("store")).unwrap(),

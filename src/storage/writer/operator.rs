@@ -1,9 +1,10 @@
 //! Operator actions as the writer applies them: a redrive or a purge chunk is
-//! built into the current group like any other op (reading through the
-//! group's overlay), its audit record in the same batch, and answered after
+//! built into the current group like any other op (once every earlier group
+//! is applied to sled, reading through the group's own writes), its audit record in the same batch, and answered after
 //! the flush that covers it.
 
 use std::collections::BTreeSet;
+use std::ops::Bound;
 
 use super::super::operator::{PurgeOp, RedriveOp, Redriven};
 use super::super::records::{DeadLetter, MessageHeader, Pending, StoredMessage};
@@ -61,7 +62,7 @@ impl Writer {
                 }
                 let (key, value) = item?;
                 // Removed earlier in this batch (redriven twice at once).
-                if group.overlay.get(&key[..]) == Some(&false) {
+                if group.changes.get(&key[..]) == Some(&None) {
                     continue;
                 }
                 let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
@@ -74,10 +75,7 @@ impl Writer {
             let wanted: BTreeSet<u64> = sequences.iter().copied().collect();
             for seq in wanted.into_iter().take(limit) {
                 let key = keys::dead(sub.id, seq);
-                let value = match group.overlay.get(&key[..]) {
-                    Some(false) => None,
-                    _ => self.db.get(key)?,
-                };
+                let value = self.get(group, &key)?;
                 match value {
                     Some(value) => {
                         self.redrive_one(group, sub, topic, seq, &value)?;
@@ -172,9 +170,10 @@ impl Writer {
         let prefix = keys::pending_prefix(sub.id);
         // Entries written earlier in this batch are not in the tree yet.
         let mut doomed: BTreeSet<u64> = group
-            .overlay
-            .iter()
-            .filter(|(key, present)| **present && key.starts_with(&prefix))
+            .changes
+            .range::<[u8], _>((Bound::Included(&prefix[..]), Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .filter(|(_, value)| value.is_some())
             .filter_map(|(key, _)| keys::seq_of(key))
             .collect();
         let mut from_tree = 0;
@@ -183,7 +182,7 @@ impl Writer {
                 break;
             }
             let (key, _) = item?;
-            if group.overlay.contains_key(&key[..]) {
+            if group.changes.contains_key(&key[..]) {
                 continue; // written or removed earlier in this batch
             }
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
