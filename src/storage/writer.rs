@@ -2,7 +2,9 @@
 //! writes, one group at a time; the [`flusher`] thread makes each group
 //! durable (one journal write + fdatasync for every group waiting), then
 //! applies it to sled and only then answers it (group commit, pipelined: the
-//! next group is built while one is made durable and applied).
+//! next group is built while one is made durable and applied). When no
+//! group is in flight and no op waits, the writer completes the group
+//! itself, which saves waking the flusher thread.
 //!
 //! Reads it makes while building a group (dedup lookups, "does another
 //! subscription still hold this message?") see, newest first, the group's
@@ -28,7 +30,7 @@ use crate::audit::{self, AuditEvent, Chain, EventKind};
 mod flusher;
 mod operator;
 
-use flusher::{Applied, Failure, Flusher, Progress};
+use flusher::{Applied, Failure, Flusher, Progress, Shared};
 
 /// Most expired messages or dedup entries handled per sweep (the rest wait
 /// for the next tick).
@@ -42,6 +44,8 @@ pub(super) struct Writer {
     next_seq: HashMap<u32, u64>,
     /// Applied groups on their way to the flusher (None once stopped).
     durable: Option<std::sync::mpsc::SyncSender<Applied>>,
+    /// The flusher's state, which the writer may use itself when idle.
+    shared: Arc<Shared>,
     flusher: Option<std::thread::JoinHandle<()>>,
     /// A failed flush, seen by the writer at its next group.
     failure: Failure,
@@ -139,9 +143,11 @@ impl Writer {
         // Room for one group being flushed and one more waiting: beyond that
         // the writer waits, and ops pile up into bigger groups meanwhile.
         let (durable, applied_rx) = std::sync::mpsc::sync_channel(1);
+        let shared = Arc::new(Shared::new(flusher));
+        let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("joinery-flusher".into())
-            .spawn(move || flusher.run(applied_rx))
+            .spawn(move || thread_shared.run(applied_rx))
             .map_err(|source| StorageError::Io {
                 path: dir.to_path_buf(),
                 source,
@@ -154,6 +160,7 @@ impl Writer {
             next_seq,
             durable: Some(durable),
             flusher: Some(handle),
+            shared,
             failure,
             applied: HashMap::new(),
             swept_until_ms: 0,
@@ -788,11 +795,27 @@ impl Writer {
         for (sub, depth, dead) in &applied.counts {
             self.applied.insert(sub.id, (*depth, *dead));
         }
+        // Nothing else waiting: complete it here rather than wake the
+        // flusher thread.
+        let applied = if self.rx.is_empty() {
+            match self.shared.complete_here(applied) {
+                None => return,
+                Some(applied) => applied,
+            }
+        } else {
+            applied
+        };
+        self.shared
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let sent = match &self.durable {
             Some(durable) => durable.send(applied).map_err(|e| e.0),
             None => Err(applied),
         };
         if let Err(applied) = sent {
+            self.shared
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             // The flusher is gone: nothing more can be made durable.
             let reason = "the flusher thread stopped".to_string();
             applied.refuse(&reason);
