@@ -267,6 +267,9 @@ pub(crate) enum Op {
     Checkpoint(oneshot::Sender<Result<(), StorageError>>),
     /// Commit what came before, then end the writer thread.
     Stop,
+    /// From the flusher when it has been idle a while: finish the group the
+    /// writer holds back ([`writer`]: groups nobody waits on).
+    Nudge,
 }
 
 /// A pending entry as read by [`Store::scan_pending`]: sequence, entry, and
@@ -436,6 +439,7 @@ impl Store {
             db.clone(),
             dir,
             rx,
+            tx.downgrade(),
             options,
             topic_states.values().cloned().collect(),
             stats.clone(),

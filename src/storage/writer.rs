@@ -114,6 +114,7 @@ impl Writer {
         db: sled::Db,
         dir: &Path,
         rx: mpsc::Receiver<Op>,
+        nudge: mpsc::WeakSender<Op>,
         options: StoreOptions,
         topics: Vec<Arc<TopicState>>,
         stats: Arc<FlushStats>,
@@ -143,7 +144,7 @@ impl Writer {
         // Room for one group being flushed and one more waiting: beyond that
         // the writer waits, and ops pile up into bigger groups meanwhile.
         let (durable, applied_rx) = std::sync::mpsc::sync_channel(1);
-        let shared = Arc::new(Shared::new(flusher));
+        let shared = Arc::new(Shared::new(flusher, nudge));
         let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("joinery-flusher".into())
@@ -177,6 +178,9 @@ impl Writer {
     pub(super) fn run(mut self) {
         let max = self.options.max_batch.max(1);
         let mut ops = Vec::with_capacity(max);
+        // A group nobody waits on (consumer acks, delivery records, sweeps),
+        // held back so that later ops join it and share its sync.
+        let mut held: Option<Group> = None;
         loop {
             match self.rx.blocking_recv() {
                 Some(op) => ops.push(op),
@@ -188,10 +192,27 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let stop = self.commit(&mut ops);
+            let nudged = ops.iter().any(|op| matches!(op, Op::Nudge));
+            let mut group = held.take().unwrap_or_default();
+            let stop = self.commit(&mut ops, &mut group);
+            let awaited = !group.replies.is_empty() || !group.syncs.is_empty() || group.checkpoint;
+            if stop || awaited || nudged || group.changes.len() >= max {
+                self.shared
+                    .holding
+                    .store(false, std::sync::atomic::Ordering::Release);
+                self.finish(group);
+            } else {
+                self.shared
+                    .holding
+                    .store(true, std::sync::atomic::Ordering::Release);
+                held = Some(group);
+            }
             if stop {
                 break;
             }
+        }
+        if let Some(group) = held.take() {
+            self.finish(group);
         }
         // Every applied group answered before the final flush.
         self.durable = None;
@@ -205,8 +226,8 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` as one group; returns true when told to stop.
-    fn commit(&mut self, ops: &mut Vec<Op>) -> bool {
+    /// Builds `ops` into `group`; returns true when told to stop.
+    fn commit(&mut self, ops: &mut Vec<Op>, group: &mut Group) -> bool {
         if self.failed.is_none() {
             self.failed = flusher::failure_of(&self.failure);
         }
@@ -219,26 +240,25 @@ impl Writer {
             self.unapplied.pop_front();
         }
         let now = now_ms();
-        let mut group = Group::default();
         let mut stop = false;
         for op in ops.drain(..) {
             let result = match op {
-                Op::Publish(p) => self.publish(&mut group, p, now),
+                Op::Publish(p) => self.publish(group, p, now),
                 Op::Settle {
                     sub,
                     topic,
                     message,
                     outcome,
                     agency,
-                } => self.settle(&mut group, &sub, &topic, &message, outcome, agency, now),
+                } => self.settle(group, &sub, &topic, &message, outcome, agency, now),
                 Op::Audit(event) => {
-                    self.record(&mut group, &event, now);
+                    self.record(group, &event, now);
                     Ok(())
                 }
                 Op::Requeue { sub, seq, pending } => {
                     let key = keys::pending(sub, seq);
                     // Only while still pending: an ack may have overtaken it.
-                    match self.exists(&group, &key) {
+                    match self.exists(group, &key) {
                         Ok(true) => {
                             group.put(&key, &pending.encode());
                             Ok(())
@@ -249,15 +269,15 @@ impl Writer {
                 }
                 Op::Tick => {
                     self.wait_applied();
-                    self.sweep(&mut group, now)
+                    self.sweep(group, now)
                 }
                 Op::Redrive(op) => {
                     self.wait_applied();
-                    self.redrive(&mut group, op, now)
+                    self.redrive(group, op, now)
                 }
                 Op::Purge(op) => {
                     self.wait_applied();
-                    self.purge(&mut group, op, now)
+                    self.purge(group, op, now)
                 }
                 Op::Sync(reply) => {
                     group.syncs.push(reply);
@@ -272,13 +292,13 @@ impl Writer {
                     stop = true;
                     Ok(())
                 }
+                Op::Nudge => Ok(()),
             };
             if let Err(e) = result {
                 error!(cause = %e, "storage read failed while building a batch");
                 self.failed.get_or_insert_with(|| e.to_string());
             }
         }
-        self.finish(group);
         stop
     }
 

@@ -22,7 +22,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error};
 
 use super::super::journal::Changes;
-use super::super::{keys, FlushStats, Published, StorageError, SubState, TopicState};
+use super::super::{keys, FlushStats, Op, Published, StorageError, SubState, TopicState};
 
 /// A group applied to sled, waiting for durability.
 pub(super) struct Applied {
@@ -137,20 +137,44 @@ impl Progress {
 pub(super) struct Shared {
     pub core: Mutex<Flusher>,
     pub in_flight: AtomicUsize,
+    /// The writer holds back a group nobody waits on.
+    pub holding: AtomicBool,
+    /// To nudge the writer into finishing that group (weak: it does not
+    /// keep the writer's queue open).
+    nudge: tokio::sync::mpsc::WeakSender<Op>,
 }
 
+/// How long the flusher stays idle before it nudges the writer to finish a
+/// group it holds back: a consumer's ack is durable within about this.
+const HOLD: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Shared {
-    pub(super) fn new(flusher: Flusher) -> Self {
+    pub(super) fn new(flusher: Flusher, nudge: tokio::sync::mpsc::WeakSender<Op>) -> Self {
         Self {
             core: Mutex::new(flusher),
             in_flight: AtomicUsize::new(0),
+            holding: AtomicBool::new(false),
+            nudge,
         }
     }
 
     /// The flusher thread: completes handed-over groups, every group
-    /// waiting at once together.
+    /// waiting at once together; after [`HOLD`] without one, nudges the
+    /// writer if it holds a group back.
     pub(super) fn run(&self, rx: mpsc::Receiver<Applied>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(HOLD) {
+                Ok(group) => group,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.holding.load(Ordering::Acquire) {
+                        if let Some(tx) = self.nudge.upgrade() {
+                            let _ = tx.try_send(Op::Nudge);
+                        }
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut groups = vec![first];
             while let Ok(next) = rx.try_recv() {
                 groups.push(next);
