@@ -42,14 +42,14 @@ pub(super) struct Writer {
     options: StoreOptions,
     topics: HashMap<u32, Arc<TopicState>>,
     next_seq: HashMap<u32, u64>,
-    /// Applied groups on their way to the flusher (None once stopped).
+    /// Built groups on their way to the flusher thread (None once stopped).
     durable: Option<std::sync::mpsc::SyncSender<Applied>>,
     /// The flusher's state, which the writer may use itself when idle.
     shared: Arc<Shared>,
     flusher: Option<std::thread::JoinHandle<()>>,
     /// A failed flush, seen by the writer at its next group.
     failure: Failure,
-    /// Depth and dead-letter counts as of the groups applied so far; a
+    /// Depth and dead-letter counts as of the groups built so far; a
     /// subscription's own counters move only once a group is durable.
     applied: HashMap<u32, (u64, u64)>,
     /// Expiry index entries before this instant have been swept.
@@ -214,7 +214,7 @@ impl Writer {
         if let Some(group) = held.take() {
             self.finish(group);
         }
-        // Every applied group answered before the final flush.
+        // Every group handed over answered before the final flush.
         self.durable = None;
         if let Some(flusher) = self.flusher.take() {
             if flusher.join().is_err() {
@@ -740,7 +740,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Depth and dead letters of `sub` as of the groups applied so far.
+    /// Depth and dead letters of `sub` as of the groups built so far.
     fn counts(&self, sub: &SubState) -> (u64, u64) {
         self.applied
             .get(&sub.id)

@@ -32,7 +32,7 @@ use tracing::{debug, error};
 use super::super::journal::Changes;
 use super::super::{keys, FlushStats, Op, Published, StorageError, SubState, TopicState};
 
-/// A group applied to sled, waiting for durability.
+/// A group built by the writer, waiting to be journaled, applied to sled and answered.
 pub(super) struct Applied {
     /// Its journal lsn and writes (None: it wrote nothing).
     pub record: Option<(u64, Arc<Changes>)>,
