@@ -463,6 +463,22 @@ impl Dispatcher {
 
     async fn refill(&mut self) -> Result<(), crate::storage::StorageError> {
         let committed = self.topic.committed();
+        // Messages just made durable come from memory when they continue
+        // the cursor; the store is read only for what they do not cover.
+        let fresh = self.state.take_fresh(self.cursor, REFILL_BATCH);
+        if let Some(last) = fresh.last() {
+            self.cursor = last.seq + 1;
+        }
+        for message in fresh {
+            self.ready.push_back(Item {
+                seq: message.seq,
+                attempts: 0,
+                message,
+            });
+        }
+        if self.cursor > committed || self.ready.len() >= REFILL_BELOW {
+            return Ok(());
+        }
         let (from, store, state) = (self.cursor, self.store.clone(), self.state.clone());
         let rows = tokio::task::spawn_blocking(move || {
             store.scan_pending(&state, from, committed, REFILL_BATCH)

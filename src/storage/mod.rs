@@ -53,7 +53,7 @@ mod operator;
 pub mod records;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -150,6 +150,37 @@ pub struct SubState {
     /// (ms since epoch; 0: none).
     oldest_pending_ms: AtomicU64,
     expired: Mutex<Vec<Arc<StoredMessage>>>,
+    /// Messages just made durable for it, handed to its dispatcher from
+    /// memory (see [`Fresh`]).
+    fresh: Mutex<Fresh>,
+}
+
+/// Most messages a subscription's [`Fresh`] holds: about one dispatcher
+/// refill. It holds them even while the dispatcher takes none (no
+/// consumer, or a backlog), so this and the next bound what it costs in
+/// memory per subscription.
+const FRESH_MAX_MESSAGES: usize = 512;
+/// Most envelope bytes a subscription's [`Fresh`] holds.
+const FRESH_MAX_BYTES: usize = 512 << 10;
+
+/// Messages just made durable for a subscription, in sequence order, so that
+/// its dispatcher need not read them back from sled.
+///
+/// Each entry carries `after`: the sequence of the message stored for the
+/// subscription just before it by this process (for the first, one below
+/// its own: entries stored before start are unknown). No pending entry of the
+/// subscription lies strictly between the two, so for a dispatcher whose
+/// store cursor `c` satisfies `after < c <= seq`, the entry is exactly the
+/// next pending entry it would read, as written by the publish (first
+/// attempt, no delay). Entries that do not satisfy this are of no use to it
+/// and it reads the store instead; when the list is full, new entries are
+/// dropped, which leaves such a gap. Only pending entries at or above the
+/// cursor matter, and only the dispatcher itself removes those (purge), so
+/// an entry cannot go stale behind its back.
+#[derive(Debug, Default)]
+struct Fresh {
+    entries: VecDeque<(u64, Arc<StoredMessage>)>,
+    bytes: usize,
 }
 
 impl SubState {
@@ -196,6 +227,52 @@ impl SubState {
             Ok(mut list) => list.push(message),
             Err(poisoned) => poisoned.into_inner().push(message),
         }
+    }
+
+    fn fresh(&self) -> std::sync::MutexGuard<'_, Fresh> {
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands over a message just made durable for this subscription (called
+    /// after the group that wrote it is applied, before its sequence is
+    /// published as committed).
+    fn push_fresh(&self, after: u64, message: Arc<StoredMessage>) {
+        let mut fresh = self.fresh();
+        let size = message.envelope.len();
+        if fresh.entries.len() >= FRESH_MAX_MESSAGES
+            || fresh.bytes.saturating_add(size) > FRESH_MAX_BYTES
+        {
+            return;
+        }
+        fresh.bytes += size;
+        fresh.entries.push_back((after, message));
+    }
+
+    /// The dispatcher takes, in order, the messages that continue its store
+    /// cursor `cursor` (at most `limit`), dropping those below it. Returns
+    /// them; the caller moves its cursor past the last.
+    pub fn take_fresh(&self, cursor: u64, limit: usize) -> Vec<Arc<StoredMessage>> {
+        let mut fresh = self.fresh();
+        let mut out = Vec::new();
+        let mut cursor = cursor;
+        while out.len() < limit {
+            let Some((after, message)) = fresh.entries.front() else {
+                break;
+            };
+            let (after, seq) = (*after, message.seq);
+            if seq >= cursor && after >= cursor {
+                break; // a gap: the store has entries this list lacks
+            }
+            let Some((_, message)) = fresh.entries.pop_front() else {
+                break;
+            };
+            fresh.bytes = fresh.bytes.saturating_sub(message.envelope.len());
+            if seq >= cursor {
+                cursor = seq + 1;
+                out.push(message);
+            }
+        }
+        out
     }
 }
 
@@ -386,6 +463,7 @@ impl Store {
                 in_flight: AtomicU64::new(0),
                 oldest_pending_ms: AtomicU64::new(0),
                 expired: Mutex::new(Vec::new()),
+                fresh: Mutex::new(Fresh::default()),
             });
             subs_by_topic
                 .entry(topic.clone())
@@ -918,6 +996,105 @@ mod tests {
             .await
             .unwrap();
         store.sync().await.unwrap();
+    }
+
+    /// Sequences of what `take_fresh` hands over, checked against the
+    /// store: each is the next pending entry a read from the cursor finds.
+    fn take_fresh_checked(store: &Store, sub: &str, cursor: u64) -> Vec<u64> {
+        let state = store.subscription(sub).unwrap();
+        let taken = state.take_fresh(cursor, 10_000);
+        let mut from = cursor;
+        for message in &taken {
+            let rows = store
+                .scan_pending(&state, from, message.seq, usize::MAX)
+                .unwrap();
+            assert_eq!(
+                rows.len(),
+                1,
+                "{sub}: a pending entry before {}",
+                message.seq
+            );
+            let (seq, pending, stored) = &rows[0];
+            assert_eq!((*seq, *pending), (message.seq, Pending::default()));
+            let stored = stored.as_ref().unwrap();
+            assert_eq!(stored.envelope, message.envelope);
+            assert_eq!(stored.message_id, message.message_id);
+            assert_eq!(stored.publish_ms, message.publish_ms);
+            from = message.seq + 1;
+        }
+        taken.iter().map(|m| m.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn fresh_messages_continue_the_cursor_and_leave_gaps_to_the_store() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        assert_eq!(publish(&store, "t", &["a"], b"1").await, 1);
+        assert_eq!(publish(&store, "t", &["a", "b"], b"2").await, 2);
+        assert_eq!(publish(&store, "t", &["b"], b"3").await, 3);
+        assert_eq!(publish(&store, "t", &["a"], b"4").await, 4);
+
+        // A dispatcher that has not read the store yet must read it.
+        assert!(take_fresh_checked(&store, "a", 0).is_empty());
+        // Past 1: 2 and 4 follow (3 is not a's), and 1 is dropped.
+        assert_eq!(take_fresh_checked(&store, "a", 2), vec![2, 4]);
+        assert!(take_fresh_checked(&store, "a", 5).is_empty());
+        assert_eq!(take_fresh_checked(&store, "b", 3), vec![3]);
+
+        // Past the limit new messages are dropped, which leaves a gap: the
+        // dispatcher reads those from the store.
+        for i in 0..FRESH_MAX_MESSAGES + 2 {
+            publish(&store, "t", &["a"], format!("m{i}").as_bytes()).await;
+        }
+        let first = 5u64;
+        let listed = take_fresh_checked(&store, "a", first);
+        let expected: Vec<u64> = (first..first + FRESH_MAX_MESSAGES as u64).collect();
+        assert_eq!(listed, expected);
+        let next = publish(&store, "t", &["a"], b"after").await;
+        let gap = first + FRESH_MAX_MESSAGES as u64;
+        assert!(take_fresh_checked(&store, "a", gap).is_empty());
+        let state = store.subscription("a").unwrap();
+        let rows = store.scan_pending(&state, gap, next, 100).unwrap();
+        assert_eq!(rows.len(), 3);
+        // Once the store is read past the gap, memory serves again.
+        let after = publish(&store, "t", &["a"], b"again").await;
+        assert_eq!(take_fresh_checked(&store, "a", next + 1), vec![after]);
+
+        // Bytes are bounded too.
+        let big = vec![7u8; FRESH_MAX_BYTES / 2 + 1];
+        let one = publish(&store, "t", &["b"], &big).await;
+        let two = publish(&store, "t", &["b"], &big).await;
+        assert_eq!(take_fresh_checked(&store, "b", one), vec![one]);
+        assert!(take_fresh_checked(&store, "b", two).is_empty());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn fresh_messages_after_a_restart_wait_for_the_backlog_to_be_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        for i in 0..5 {
+            publish(&store, "t", &["a"], format!("old{i}").as_bytes()).await;
+        }
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = open(tmp.path());
+        let new = publish(&store, "t", &["a"], b"new").await;
+        assert_eq!(new, 6);
+        // A dispatcher part-way through the backlog must read the store:
+        // nothing from memory may skip what was stored before the restart.
+        for cursor in 0..new {
+            assert!(
+                take_fresh_checked(&store, "a", cursor).is_empty(),
+                "{cursor}"
+            );
+        }
+        let state = store.subscription("a").unwrap();
+        assert_eq!(store.scan_pending(&state, 1, new, 100).unwrap().len(), 6);
+        let next = publish(&store, "t", &["a"], b"next").await;
+        assert_eq!(take_fresh_checked(&store, "a", new + 1), vec![next]);
+        store.close().await.unwrap();
     }
 
     #[tokio::test]

@@ -70,6 +70,9 @@ pub(super) struct Writer {
     unapplied: VecDeque<(u64, Arc<Changes>)>,
     /// How far the flusher has applied (or refused) the groups.
     progress: Arc<Progress>,
+    /// Per subscription, the sequence of the last message stored for it
+    /// by this process (see [`super::Fresh`]).
+    last_stored: HashMap<u32, u64>,
 }
 
 /// State of one group commit being built.
@@ -86,6 +89,9 @@ struct Group {
     deltas: HashMap<u32, (Arc<SubState>, i64, i64)>,
     /// Next sequence of each topic that took one, written once per group.
     next_seqs: HashMap<u32, u64>,
+    /// Messages stored by the group, for their subscriptions' dispatchers:
+    /// (subscription, sequence of its previous message, message).
+    fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
     /// Audit records of the group, in blocks.
     audit: audit::blocks::BlockWriter,
     publishes: u64,
@@ -172,6 +178,7 @@ impl Writer {
             lsn,
             unapplied: VecDeque::new(),
             progress,
+            last_stored: HashMap::new(),
         })
     }
 
@@ -420,12 +427,24 @@ impl Writer {
         *next += 1;
         group.next_seqs.insert(topic, seq + 1);
         if !targets.is_empty() {
-            group.put(
-                &keys::message(topic, seq),
-                &StoredMessage::encode_value(header, envelope),
-            );
+            let value = StoredMessage::encode_value(header, envelope);
+            // Decoded from what is stored, so it is what a read would give.
+            let message = StoredMessage::decode(topic, seq, &value).ok().map(Arc::new);
+            group
+                .changes
+                .insert(keys::message(topic, seq).to_vec(), Some(value));
             let empty = Pending::default().encode();
             for sub in targets {
+                // The first since start may follow entries stored before
+                // it (or by an earlier process): claim only `seq - 1`, so
+                // a dispatcher takes it only once it has read up to it.
+                let after = self
+                    .last_stored
+                    .insert(sub.id, seq)
+                    .unwrap_or(seq.saturating_sub(1));
+                if let Some(message) = &message {
+                    group.fresh.push((sub.clone(), after, message.clone()));
+                }
                 group.put(&keys::pending(sub.id, seq), &empty);
                 group.delta(sub, 1, 0);
                 group.woken.insert(sub.id, sub.clone());
@@ -762,6 +781,7 @@ impl Writer {
             next_seqs,
             publishes,
             audit,
+            fresh,
             ..
         } = group;
         let mut put = |key: &[u8], value: &[u8]| {
@@ -804,6 +824,7 @@ impl Writer {
                 .filter_map(|(id, seq)| self.topics.get(&id).map(|t| (t.clone(), seq)))
                 .collect(),
             woken: woken.into_values().collect(),
+            fresh,
             counts,
             publishes,
             needs_flush,

@@ -30,7 +30,9 @@ use tokio::sync::oneshot;
 use tracing::{debug, error};
 
 use super::super::journal::Changes;
-use super::super::{keys, FlushStats, Op, Published, StorageError, SubState, TopicState};
+use super::super::{
+    keys, FlushStats, Op, Published, StorageError, StoredMessage, SubState, TopicState,
+};
 
 /// A group built by the writer, waiting to be journaled, applied to sled and answered.
 pub(super) struct Applied {
@@ -43,6 +45,8 @@ pub(super) struct Applied {
     /// Topic sequences that become visible to dispatchers.
     pub committed: Vec<(Arc<TopicState>, u64)>,
     pub woken: Vec<Arc<SubState>>,
+    /// Messages stored, handed to their dispatchers once durable.
+    pub fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
     /// Counters as written in the group: (subscription, depth, dead letters).
     pub counts: Vec<(Arc<SubState>, u64, u64)>,
     pub publishes: u64,
@@ -387,6 +391,9 @@ fn answer(group: Applied, result: &Result<(), StorageError>) {
             for (sub, depth, dead) in &group.counts {
                 sub.depth.store(*depth, Ordering::Relaxed);
                 sub.dead_letters.store(*dead, Ordering::Relaxed);
+            }
+            for (sub, after, message) in group.fresh {
+                sub.push_fresh(after, message);
             }
             for (topic, seq) in &group.committed {
                 topic.committed.fetch_max(*seq, Ordering::AcqRel);
