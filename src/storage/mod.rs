@@ -55,7 +55,7 @@ mod writer;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -153,6 +153,9 @@ pub struct SubState {
     /// Messages just made durable for it, handed to its dispatcher from
     /// memory (see [`Fresh`]).
     fresh: Mutex<Fresh>,
+    /// Set while [`Fresh`] is full, so the writer need not build entries
+    /// that would be dropped (a hint: dropping one is always safe).
+    fresh_full: AtomicBool,
 }
 
 /// Most messages a subscription's [`Fresh`] holds: about one dispatcher
@@ -242,10 +245,16 @@ impl SubState {
         if fresh.entries.len() >= FRESH_MAX_MESSAGES
             || fresh.bytes.saturating_add(size) > FRESH_MAX_BYTES
         {
+            self.fresh_full.store(true, Ordering::Relaxed);
             return;
         }
         fresh.bytes += size;
         fresh.entries.push_back((after, message));
+    }
+
+    /// Whether a message just stored would find room in [`Fresh`].
+    fn wants_fresh(&self) -> bool {
+        !self.fresh_full.load(Ordering::Relaxed)
     }
 
     /// The dispatcher takes, in order, the messages that continue its store
@@ -267,6 +276,7 @@ impl SubState {
                 break;
             };
             fresh.bytes = fresh.bytes.saturating_sub(message.envelope.len());
+            self.fresh_full.store(false, Ordering::Relaxed);
             if seq >= cursor {
                 cursor = seq + 1;
                 out.push(message);
@@ -464,6 +474,7 @@ impl Store {
                 oldest_pending_ms: AtomicU64::new(0),
                 expired: Mutex::new(Vec::new()),
                 fresh: Mutex::new(Fresh::default()),
+                fresh_full: AtomicBool::new(false),
             });
             subs_by_topic
                 .entry(topic.clone())
@@ -1047,7 +1058,10 @@ mod tests {
             publish(&store, "t", &["a"], format!("m{i}").as_bytes()).await;
         }
         let first = 5u64;
+        // Full: the writer stops building entries until some are taken.
+        assert!(!store.subscription("a").unwrap().wants_fresh());
         let listed = take_fresh_checked(&store, "a", first);
+        assert!(store.subscription("a").unwrap().wants_fresh());
         let expected: Vec<u64> = (first..first + FRESH_MAX_MESSAGES as u64).collect();
         assert_eq!(listed, expected);
         let next = publish(&store, "t", &["a"], b"after").await;

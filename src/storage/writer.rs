@@ -428,8 +428,13 @@ impl Writer {
         group.next_seqs.insert(topic, seq + 1);
         if !targets.is_empty() {
             let value = StoredMessage::encode_value(header, envelope);
-            // Decoded from what is stored, so it is what a read would give.
-            let message = StoredMessage::decode(topic, seq, &value).ok().map(Arc::new);
+            // Decoded from what is stored, so it is what a read would give;
+            // not built when no target has room for it.
+            let message = if targets.iter().any(|sub| sub.wants_fresh()) {
+                StoredMessage::decode(topic, seq, &value).ok().map(Arc::new)
+            } else {
+                None
+            };
             group
                 .changes
                 .insert(keys::message(topic, seq).to_vec(), Some(value));
@@ -442,7 +447,7 @@ impl Writer {
                     .last_stored
                     .insert(sub.id, seq)
                     .unwrap_or(seq.saturating_sub(1));
-                if let Some(message) = &message {
+                if let Some(message) = message.as_ref().filter(|_| sub.wants_fresh()) {
                     group.fresh.push((sub.clone(), after, message.clone()));
                 }
                 group.put(&keys::pending(sub.id, seq), &empty);
