@@ -99,7 +99,12 @@ struct Group {
 
 impl Group {
     fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.changes.insert(key.to_vec(), Some(value.to_vec()));
+        self.put_owned(key, value.to_vec());
+    }
+
+    /// [`Self::put`] of a value the caller built and no longer needs.
+    fn put_owned(&mut self, key: &[u8], value: Vec<u8>) {
+        self.changes.insert(key.to_vec(), Some(value));
     }
 
     fn del(&mut self, key: &[u8]) {
@@ -435,9 +440,7 @@ impl Writer {
             } else {
                 None
             };
-            group
-                .changes
-                .insert(keys::message(topic, seq).to_vec(), Some(value));
+            group.put_owned(&keys::message(topic, seq), value);
             let empty = Pending::default().encode();
             for sub in targets {
                 // The first since start may follow entries stored before
