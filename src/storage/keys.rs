@@ -6,7 +6,8 @@
 
 /// Topic message: `m topic(4) seq(8)` → [`super::records::StoredMessage`].
 pub const MESSAGE: u8 = b'm';
-/// Pending entry: `p sub(4) seq(8)` → [`super::records::Pending`].
+/// Pending entry: `p sub(4) seq(8)` → [`super::records::Pending`], then the
+/// message's stored value when it is inline (no topic copy).
 pub const PENDING: u8 = b'p';
 /// Dead letter: `d sub(4) seq(8)` → [`super::records::DeadLetter`].
 pub const DEAD: u8 = b'd';

@@ -12,9 +12,19 @@
 //! Keys are big-endian, so a subscription's pending entries iterate in
 //! publish order and the expiry index in time order.
 //!
+//! A message with exactly one receiving subscription and no expiry-index
+//! entry (the common case: one owner, retention expiry) has no topic copy:
+//! it is stored **inline** in that subscription's pending entry, after its
+//! 12 bytes ([`Pending`]). Storing it is then one tree insert and acking it
+//! one removal, and reading it comes with the pending scan. Everything that
+//! reads a pending entry takes either form; a requeue keeps the inline
+//! message; a dead letter copies it as any other; a redrive puts it back
+//! as a topic copy.
+//!
 //! Expiry: a message whose expiry is its topic's retention (most of them)
 //! has no expiry-index entry; the sweep walks each topic's messages in
-//! sequence order, where expiry times only grow. Earlier expiries (an
+//! sequence order, where expiry times only grow, and each subscription's
+//! pending entries the same way for the inline ones. Earlier expiries (an
 //! envelope's `expires_at`) are in the expiry index (`x`).
 //!
 //! Audit records go in blocks of consecutive records, one tree key per
@@ -402,7 +412,11 @@ struct Inner {
     audit_enabled: bool,
 }
 
-const FORMAT_VERSION: u32 = 1;
+/// 2: pending entries may carry their message inline ([`Pending`]). A
+/// version 1 store (only references to topic copies) is read as it is and
+/// marked version 2 at open, after which older builds refuse it.
+const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSIONS_READ: [u32; 2] = [1, 2];
 /// File beside sled's that marks a durably initialised store.
 const FORMAT_MARKER: &str = "JOINERY_STORE";
 const WRITER_QUEUE: usize = 16 * 1024;
@@ -674,13 +688,37 @@ impl Store {
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            let pending = Pending::decode(&value)?;
-            out.push((seq, pending, self.load_message(sub.topic, seq)?));
+            out.push(self.pending_row(sub, seq, &value)?);
         }
         Ok(out)
     }
 
-    /// The topic copy of a message, if it is still stored. Blocking.
+    /// A pending entry as stored, with its message: the inline one, else
+    /// the topic copy. Blocking.
+    pub(crate) fn pending_row(
+        &self,
+        sub: &SubState,
+        seq: u64,
+        value: &[u8],
+    ) -> Result<PendingRow, StorageError> {
+        let (pending, inline) = Pending::split(value)?;
+        let message = match inline {
+            Some(stored) => Some(Arc::new(StoredMessage::decode(sub.topic, seq, stored)?)),
+            None => self.load_message(sub.topic, seq)?,
+        };
+        Ok((seq, pending, message))
+    }
+
+    /// The message of `sub`'s pending entry `seq` (inline or the topic copy).
+    #[cfg(test)]
+    pub(crate) fn pending_message(&self, sub: &str, seq: u64) -> Option<Arc<StoredMessage>> {
+        let sub = self.subscription(sub)?;
+        let value = self.inner.tree.get(keys::pending(sub.id, seq)).ok()??;
+        self.pending_row(&sub, seq, &value).ok()?.2
+    }
+
+    /// The topic copy of a message, if it is still stored (an inline
+    /// message has none: read it with its pending entry). Blocking.
     pub fn load_message(
         &self,
         topic: u32,
@@ -841,9 +879,14 @@ fn check_format(db: &sled::Db, dir: &Path, initialised: bool) -> Result<(), Stor
             Ok(())
         }
         Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => Ok(()),
+        Some(v) if keys::be_u32(&v).is_some_and(|v| FORMAT_VERSIONS_READ.contains(&v)) => {
+            db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
         Some(v) => Err(StorageError::Corrupt {
             what: format!(
-                "data format version {:?}; this joinery reads version {FORMAT_VERSION}",
+                "data format version {:?}; this joinery reads versions {FORMAT_VERSIONS_READ:?}",
                 keys::be_u32(&v)
             ),
         }),
@@ -944,6 +987,10 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> Store {
+        try_open(dir).unwrap()
+    }
+
+    fn try_open(dir: &Path) -> Result<Store, StorageError> {
         Store::open(
             dir,
             StoreOptions {
@@ -959,7 +1006,6 @@ mod tests {
                 ("b".to_string(), "t".to_string()),
             ],
         )
-        .unwrap()
     }
 
     async fn publish(store: &Store, topic: &str, targets: &[&str], body: &[u8]) -> u64 {
@@ -1001,7 +1047,7 @@ mod tests {
     async fn ack(store: &Store, sub: &str, seq: u64) {
         let sub = store.subscription(sub).unwrap();
         let topic = store.topic("t").unwrap();
-        let message = store.load_message(topic.id, seq).unwrap().unwrap();
+        let message = store.pending_message(&sub.name, seq).unwrap();
         store
             .settle(sub, topic, message, Outcome::Ack, "council".into())
             .await
@@ -1111,6 +1157,96 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// Keys of one kind in the tree.
+    fn keys_of(store: &Store, kind: u8) -> usize {
+        store.db().scan_prefix([kind]).count()
+    }
+
+    #[tokio::test]
+    async fn a_message_with_one_receiver_lives_in_its_pending_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, "t", &["a"], b"just for a").await;
+        let shared = publish(&store, "t", &["a", "b"], b"for both").await;
+        let (a, topic) = (store.subscription("a").unwrap(), store.topic("t").unwrap());
+        // One topic copy (the shared message's); a's first entry holds its message.
+        assert_eq!(keys_of(&store, keys::MESSAGE), 1);
+        assert!(store.load_message(topic.id, seq).unwrap().is_none());
+        let value = store.db().get(keys::pending(a.id, seq)).unwrap().unwrap();
+        assert!(value.len() > Pending::LEN);
+        let rows = store.scan_pending(&a, 0, u64::MAX, 10).unwrap();
+        let bodies: Vec<(u64, Vec<u8>)> = rows
+            .iter()
+            .map(|(seq, _, m)| (*seq, m.as_ref().unwrap().envelope.to_vec()))
+            .collect();
+        assert_eq!(
+            bodies,
+            [
+                (seq, b"just for a".to_vec()),
+                (shared, b"for both".to_vec())
+            ]
+        );
+
+        // A requeue rewrites the entry's fields and keeps its message.
+        let requeued = Pending {
+            attempts: 2,
+            not_before_ms: 1234,
+        };
+        store.requeue(a.id, seq, requeued).await.unwrap();
+        store.sync().await.unwrap();
+        let (_, pending, message) = store.pending_rows(&a, &[seq]).unwrap().remove(0);
+        assert_eq!(pending, requeued);
+        assert_eq!(&message.unwrap().envelope[..], b"just for a");
+
+        // Acked: the entry goes, and the shared copy stays for b.
+        ack(&store, "a", seq).await;
+        ack(&store, "a", shared).await;
+        assert_eq!(a.depth(), 0);
+        assert_eq!(keys_of(&store, keys::MESSAGE), 1, "b still holds it");
+        assert!(store.scan_pending(&a, 0, u64::MAX, 10).unwrap().is_empty());
+
+        // It survives a restart like any entry.
+        let again = publish(&store, "t", &["a"], b"after restart").await;
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(tmp.path());
+        let message = store.pending_message("a", again).unwrap();
+        assert_eq!(&message.envelope[..], b"after restart");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_1_store_is_read_and_marked_version_2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, "t", &["a", "b"], b"stored by version 1").await;
+        store
+            .db()
+            .insert(keys::FORMAT, &1u32.to_be_bytes())
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(tmp.path());
+        let version = store.db().get(keys::FORMAT).unwrap().unwrap();
+        assert_eq!(keys::be_u32(&version), Some(FORMAT_VERSION));
+        assert_eq!(
+            &store.pending_message("b", seq).unwrap().envelope[..],
+            b"stored by version 1"
+        );
+        store
+            .db()
+            .insert(keys::FORMAT, &9u32.to_be_bytes())
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        match try_open(tmp.path()) {
+            Err(StorageError::Corrupt { what }) => {
+                assert!(what.contains("data format version Some(9)"), "{what}")
+            }
+            other => panic!("a version 9 store was not refused: {:?}", other.err()),
+        }
+    }
+
     #[tokio::test]
     async fn topic_copy_is_released_when_the_last_subscription_acks() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1176,6 +1312,8 @@ mod tests {
             let store = store.clone();
             async move { publish_expiring(&store, "t", targets, body, at, true).await }
         };
+        // One receiver: inline in a's pending entry, found by a's own walk.
+        let s0 = by_order(b"retention, expired, inline", &["a"], now - 20).await;
         let s1 = by_order(b"retention, expired", &["a", "b"], now - 10).await;
         let s2 =
             publish_expiring(&store, "t", &["a"], b"expires_at, expired", now - 5, false).await;
@@ -1187,7 +1325,7 @@ mod tests {
 
         store.tick();
         store.sync().await.unwrap();
-        assert_eq!(expired_seqs(&store, "a"), [s1, s2]);
+        assert_eq!(expired_seqs(&store, "a"), [s0, s1, s2]);
         assert_eq!(expired_seqs(&store, "b"), [s1]);
         // The walk stopped at s3: a second sweep reports nothing new, and s4
         // waits behind it (it is never delivered meanwhile: dispatchers check).
@@ -1197,8 +1335,12 @@ mod tests {
 
         // Settling releases the copies; only s2 had an index entry to remove.
         let topic = store.topic("t").unwrap();
-        for (sub, seq) in [("a", s1), ("b", s1), ("a", s2)] {
-            let message = store.load_message(topic.id, seq).unwrap().unwrap();
+        assert!(
+            store.load_message(topic.id, s0).unwrap().is_none(),
+            "inline"
+        );
+        for (sub, seq) in [("a", s0), ("a", s1), ("b", s1), ("a", s2)] {
+            let message = store.pending_message(sub, seq).unwrap();
             let outcome = Outcome::DeadLetter {
                 reason: DeadReason::Expired,
                 attempts: 0,
@@ -1218,12 +1360,10 @@ mod tests {
         assert!(store.load_message(topic.id, s1).unwrap().is_none());
         assert!(store.load_message(topic.id, s2).unwrap().is_none());
         assert_eq!(expiry_entries(&store), 0);
+        assert!(store.pending_message("a", s3).unwrap().expiry_by_order);
         assert!(
-            store
-                .load_message(topic.id, s3)
-                .unwrap()
-                .unwrap()
-                .expiry_by_order
+            store.load_message(topic.id, s3).unwrap().is_none(),
+            "s3 has one receiver: it is inline in a's pending entry"
         );
 
         // After a restart the walk starts again from the oldest message.
@@ -1306,7 +1446,7 @@ mod tests {
         }
         let sub = store.subscription("a").unwrap();
         let topic = store.topic("t").unwrap();
-        let message = store.load_message(topic.id, 1).unwrap().unwrap();
+        let message = store.pending_message("a", 1).unwrap();
         store
             .settle(sub, topic, message, Outcome::Ack, "council".into())
             .await

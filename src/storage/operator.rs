@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::{keys, DeadLetter, Op, Pending, PendingRow, StorageError, Store, SubState, TopicState};
+use super::{keys, DeadLetter, Op, PendingRow, StorageError, Store, SubState, TopicState};
 use crate::audit::AuditEvent;
 
 /// What a redrive did.
@@ -147,8 +147,7 @@ impl Store {
         let mut out = Vec::new();
         for &seq in sequences {
             if let Some(value) = self.inner.tree.get(keys::pending(sub.id, seq))? {
-                let pending = Pending::decode(&value)?;
-                out.push((seq, pending, self.load_message(sub.topic, seq)?));
+                out.push(self.pending_row(sub, seq, &value)?);
             }
         }
         Ok(out)
@@ -266,7 +265,7 @@ mod tests {
         let seq = publish(&store, &["a"]).await;
         let other = publish(&store, &["a"]).await;
         let (a, topic) = (store.subscription("a").unwrap(), store.topic("t").unwrap());
-        let message = store.load_message(topic.id, seq).unwrap().unwrap();
+        let message = store.pending_message("a", seq).unwrap();
         store
             .settle(
                 a.clone(),

@@ -196,6 +196,12 @@ impl<'a> Reader<'a> {
 }
 
 /// A subscription's pending entry: the message is neither acked nor dead-lettered.
+///
+/// Stored as its [`Pending::LEN`] bytes when the message is the topic copy
+/// (`m topic seq`), or followed by the message's stored value when it is
+/// **inline**: a message published to exactly one subscription (and with
+/// no expiry-index entry) lives in that subscription's pending entry, so
+/// it costs one tree key to store and one to ack instead of two and two.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pending {
     /// Deliveries known to have been made (persisted on redelivery and nack).
@@ -205,6 +211,9 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Bytes of the entry's own fields.
+    pub const LEN: usize = 12;
+
     pub fn encode(&self) -> [u8; 12] {
         let mut out = [0u8; 12];
         out[..4].copy_from_slice(&self.attempts.to_be_bytes());
@@ -221,6 +230,27 @@ impl Pending {
             not_before_ms: super::keys::be_u64(value.get(4..).ok_or_else(corrupt)?)
                 .ok_or_else(corrupt)?,
         })
+    }
+
+    /// The entry, and the stored message value it carries when inline.
+    pub fn split(value: &[u8]) -> Result<(Self, Option<&[u8]>), StorageError> {
+        let pending = Self::decode(value)?;
+        let rest = value.get(Self::LEN..).unwrap_or_default();
+        Ok((pending, (!rest.is_empty()).then_some(rest)))
+    }
+
+    /// The entry followed by the stored message value `message` (inline).
+    pub fn encode_inline(&self, message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN + message.len());
+        out.extend_from_slice(&self.encode());
+        out.extend_from_slice(message);
+        out
+    }
+
+    /// `value` with its entry fields replaced by `self`, keeping an inline
+    /// message as it is.
+    pub fn reencode(&self, value: &[u8]) -> Vec<u8> {
+        self.encode_inline(value.get(Self::LEN..).unwrap_or_default())
     }
 }
 

@@ -57,6 +57,9 @@ pub(super) struct Writer {
     /// Per topic, the first sequence the by-order expiry sweep has not
     /// passed yet (in memory: after a restart it starts from the oldest).
     order_swept: HashMap<u32, u64>,
+    /// The same per subscription, for the messages inline in its pending
+    /// entries.
+    order_swept_inline: HashMap<u32, u64>,
     /// Set once a write failed: sled's errors are sticky, so refuse early.
     failed: Option<String>,
     /// Head of the audit chain (None: audit log off).
@@ -177,6 +180,7 @@ impl Writer {
             applied: HashMap::new(),
             swept_until_ms: 0,
             order_swept: HashMap::new(),
+            order_swept_inline: HashMap::new(),
             failed: None,
             audit,
             reports,
@@ -270,12 +274,13 @@ impl Writer {
                 Op::Requeue { sub, seq, pending } => {
                     let key = keys::pending(sub, seq);
                     // Only while still pending: an ack may have overtaken it.
-                    match self.exists(group, &key) {
-                        Ok(true) => {
-                            group.put(&key, &pending.encode());
+                    // An inline message stays in the entry.
+                    match self.get(group, &key) {
+                        Ok(Some(old)) => {
+                            group.put_owned(&key, pending.reencode(&old));
                             Ok(())
                         }
-                        Ok(false) => Ok(()),
+                        Ok(None) => Ok(()),
                         Err(e) => Err(e),
                     }
                 }
@@ -331,6 +336,16 @@ impl Writer {
         match self.unapplied(group, key) {
             Some(value) => Ok(value.is_some()),
             None => Ok(self.db.contains_key(key)?),
+        }
+    }
+
+    /// Whether the pending entry `key` is stored (None: it is not), and
+    /// whether it carries its message inline.
+    fn pending_state(&self, group: &Group, key: &[u8]) -> Result<Option<bool>, StorageError> {
+        let inline = |value: &[u8]| value.len() > Pending::LEN;
+        match self.unapplied(group, key) {
+            Some(value) => Ok(value.map(inline)),
+            None => Ok(self.db.get(key)?.map(|value| inline(&value))),
         }
     }
 
@@ -440,8 +455,16 @@ impl Writer {
             } else {
                 None
             };
-            group.put_owned(&keys::message(topic, seq), value);
-            let empty = Pending::default().encode();
+            let indexed_expiry = header.expires_ms != 0 && !header.expiry_by_order;
+            // One receiver and no expiry-index entry: the message lives in
+            // its pending entry (see [`Pending`]).
+            let inline = targets.len() == 1 && !indexed_expiry;
+            let entry = if inline {
+                Pending::default().encode_inline(&value)
+            } else {
+                group.put_owned(&keys::message(topic, seq), value);
+                Pending::default().encode().to_vec()
+            };
             for sub in targets {
                 // The first since start may follow entries stored before
                 // it (or by an earlier process): claim only `seq - 1`, so
@@ -453,11 +476,11 @@ impl Writer {
                 if let Some(message) = message.as_ref().filter(|_| sub.wants_fresh()) {
                     group.fresh.push((sub.clone(), after, message.clone()));
                 }
-                group.put(&keys::pending(sub.id, seq), &empty);
+                group.put(&keys::pending(sub.id, seq), &entry);
                 group.delta(sub, 1, 0);
                 group.woken.insert(sub.id, sub.clone());
             }
-            if header.expires_ms != 0 && !header.expiry_by_order {
+            if indexed_expiry {
                 group.put(&keys::expiry(header.expires_ms, topic, seq), &[]);
             }
         }
@@ -548,9 +571,9 @@ impl Writer {
     ) -> Result<(), StorageError> {
         let seq = message.seq;
         let key = keys::pending(sub.id, seq);
-        if !self.exists(group, &key)? {
+        let Some(inline) = self.pending_state(group, &key)? else {
             return Ok(()); // already settled (e.g. expired and acked at once)
-        }
+        };
         group.del(&key);
         let mut event = match outcome {
             Outcome::Ack => AuditEvent::new(EventKind::Ack, agency),
@@ -583,6 +606,9 @@ impl Writer {
                 let owner = event.agency.clone();
                 self.report(group, message, topic, sub, &owner, reason, attempts, now);
             }
+        }
+        if inline {
+            return Ok(()); // no topic copy to release
         }
         self.release(group, sub.id, topic, seq, Some(message))
     }
@@ -763,6 +789,36 @@ impl Writer {
                 cursor = seq + 1;
             }
             self.order_swept.insert(topic.id, cursor);
+            // Inline messages have no topic copy: walk each subscription's
+            // pending entries the same way, stepping over those whose
+            // message is the topic copy (walked above).
+            for sub in &topic.subs {
+                let from = self.order_swept_inline.get(&sub.id).copied().unwrap_or(0);
+                let mut cursor = from;
+                let range = keys::pending(sub.id, from)..=keys::pending(sub.id, u64::MAX);
+                for item in self.db.range(range) {
+                    if budget == 0 {
+                        break;
+                    }
+                    budget -= 1;
+                    let (key, value) = item?;
+                    let Some(seq) = keys::seq_of(&key) else {
+                        continue;
+                    };
+                    if let (_, Some(stored)) = Pending::split(&value)? {
+                        if StoredMessage::expiry_by_order_of(stored) {
+                            if StoredMessage::expires_ms_of(stored).is_some_and(|at| at > now) {
+                                break; // nor have any later ones
+                            }
+                            let message = StoredMessage::decode(topic.id, seq, stored)?;
+                            sub.push_expired(Arc::new(message));
+                            group.woken.insert(sub.id, sub.clone());
+                        }
+                    }
+                    cursor = seq + 1;
+                }
+                self.order_swept_inline.insert(sub.id, cursor);
+            }
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! is applied to sled, reading through the group's own writes), its audit record in the same batch, and answered after
 //! the flush that covers it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use super::super::operator::{PurgeOp, RedriveOp, Redriven};
@@ -169,32 +169,35 @@ impl Writer {
     ) -> Result<u64, StorageError> {
         let prefix = keys::pending_prefix(sub.id);
         // Entries written earlier in this batch are not in the tree yet.
-        let mut doomed: BTreeSet<u64> = group
+        // seq → whether its message is inline (then there is no topic copy).
+        let inline = |value: &[u8]| value.len() > Pending::LEN;
+        let mut doomed: BTreeMap<u64, bool> = group
             .changes
             .range::<[u8], _>((Bound::Included(&prefix[..]), Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(&prefix))
-            .filter(|(_, value)| value.is_some())
-            .filter_map(|(key, _)| keys::seq_of(key))
+            .filter_map(|(key, value)| Some((keys::seq_of(key)?, inline(value.as_deref()?))))
             .collect();
         let mut from_tree = 0;
         for item in self.db.scan_prefix(prefix) {
             if from_tree >= limit {
                 break;
             }
-            let (key, _) = item?;
+            let (key, value) = item?;
             if group.changes.contains_key(&key[..]) {
                 continue; // written or removed earlier in this batch
             }
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            doomed.insert(seq);
+            doomed.insert(seq, inline(&value));
             from_tree += 1;
         }
         let removed = doomed.len() as u64;
-        for seq in doomed {
+        for (seq, inline) in doomed {
             group.del(&keys::pending(sub.id, seq));
-            self.release(group, sub.id, topic, seq, None)?;
+            if !inline {
+                self.release(group, sub.id, topic, seq, None)?;
+            }
         }
         if from_tree < limit {
             // Nothing of the subscription is pending any more: the depth is
