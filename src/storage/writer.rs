@@ -805,6 +805,16 @@ impl Writer {
                     let Some(seq) = keys::seq_of(&key) else {
                         continue;
                     };
+                    // The group's own writes come first: an entry it has
+                    // removed (acked, dead-lettered) is not pending any more.
+                    let value = match self.unapplied(group, &key) {
+                        Some(Some(newer)) => newer.to_vec(),
+                        Some(None) => {
+                            cursor = seq + 1;
+                            continue;
+                        }
+                        None => value.to_vec(),
+                    };
                     if let (_, Some(stored)) = Pending::split(&value)? {
                         if StoredMessage::expiry_by_order_of(stored) {
                             if StoredMessage::expires_ms_of(stored).is_some_and(|at| at > now) {
