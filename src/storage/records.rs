@@ -232,11 +232,18 @@ impl Pending {
         })
     }
 
+    /// Whether a stored entry carries its message (inline).
+    pub fn is_inline(value: &[u8]) -> bool {
+        value.len() > Self::LEN
+    }
+
     /// The entry, and the stored message value it carries when inline.
     pub fn split(value: &[u8]) -> Result<(Self, Option<&[u8]>), StorageError> {
         let pending = Self::decode(value)?;
-        let rest = value.get(Self::LEN..).unwrap_or_default();
-        Ok((pending, (!rest.is_empty()).then_some(rest)))
+        Ok((
+            pending,
+            value.get(Self::LEN..).filter(|_| Self::is_inline(value)),
+        ))
     }
 
     /// The entry followed by the stored message value `message` (inline).

@@ -12,6 +12,7 @@
 //! then sled. Range scans (sweeps, purge, redrive) first wait until every
 //! group handed over is applied, so sled alone is complete for them.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -342,10 +343,9 @@ impl Writer {
     /// Whether the pending entry `key` is stored (None: it is not), and
     /// whether it carries its message inline.
     fn pending_state(&self, group: &Group, key: &[u8]) -> Result<Option<bool>, StorageError> {
-        let inline = |value: &[u8]| value.len() > Pending::LEN;
         match self.unapplied(group, key) {
-            Some(value) => Ok(value.map(inline)),
-            None => Ok(self.db.get(key)?.map(|value| inline(&value))),
+            Some(value) => Ok(value.map(Pending::is_inline)),
+            None => Ok(self.db.get(key)?.map(|value| Pending::is_inline(&value))),
         }
     }
 
@@ -459,12 +459,11 @@ impl Writer {
             // One receiver and no expiry-index entry: the message lives in
             // its pending entry (see [`Pending`]).
             let inline = targets.len() == 1 && !indexed_expiry;
-            let entry = if inline {
-                Pending::default().encode_inline(&value)
-            } else {
+            let mut inline_entry = inline.then(|| Pending::default().encode_inline(&value));
+            if !inline {
                 group.put_owned(&keys::message(topic, seq), value);
-                Pending::default().encode().to_vec()
-            };
+            }
+            let empty = Pending::default().encode();
             for sub in targets {
                 // The first since start may follow entries stored before
                 // it (or by an earlier process): claim only `seq - 1`, so
@@ -476,7 +475,10 @@ impl Writer {
                 if let Some(message) = message.as_ref().filter(|_| sub.wants_fresh()) {
                     group.fresh.push((sub.clone(), after, message.clone()));
                 }
-                group.put(&keys::pending(sub.id, seq), &entry);
+                match inline_entry.take() {
+                    Some(entry) => group.put_owned(&keys::pending(sub.id, seq), entry),
+                    None => group.put(&keys::pending(sub.id, seq), &empty),
+                }
                 group.delta(sub, 1, 0);
                 group.woken.insert(sub.id, sub.clone());
             }
@@ -769,64 +771,45 @@ impl Writer {
             // Only what is applied to the tree: sequences taken by this
             // group are above every stored one and are not passed.
             let from = self.order_swept.get(&topic.id).copied().unwrap_or(0);
-            let mut cursor = from;
             let range = keys::message(topic.id, from)..=keys::message(topic.id, u64::MAX);
-            for item in self.db.range(range) {
-                if budget == 0 {
-                    break;
+            let cursor = walk_by_order(&self.db, range, from, &mut budget, |seq, _, value| {
+                match expired_by_order(value, now) {
+                    Some(false) => return Ok(Walk::Stop),
+                    Some(true) => self.expired(group, &topic, seq, value)?,
+                    None => {}
                 }
-                budget -= 1;
-                let (key, value) = item?;
-                let Some(seq) = keys::seq_of(&key) else {
-                    continue;
-                };
-                if StoredMessage::expiry_by_order_of(&value) {
-                    if StoredMessage::expires_ms_of(&value).is_some_and(|at| at > now) {
-                        break; // nor have any later ones
-                    }
-                    self.expired(group, &topic, seq, &value)?;
-                }
-                cursor = seq + 1;
-            }
+                Ok(Walk::Past)
+            })?;
             self.order_swept.insert(topic.id, cursor);
             // Inline messages have no topic copy: walk each subscription's
             // pending entries the same way, stepping over those whose
             // message is the topic copy (walked above).
             for sub in &topic.subs {
                 let from = self.order_swept_inline.get(&sub.id).copied().unwrap_or(0);
-                let mut cursor = from;
                 let range = keys::pending(sub.id, from)..=keys::pending(sub.id, u64::MAX);
-                for item in self.db.range(range) {
-                    if budget == 0 {
-                        break;
-                    }
-                    budget -= 1;
-                    let (key, value) = item?;
-                    let Some(seq) = keys::seq_of(&key) else {
-                        continue;
-                    };
-                    // The group's own writes come first: an entry it has
-                    // removed (acked, dead-lettered) is not pending any more.
-                    let value = match self.unapplied(group, &key) {
-                        Some(Some(newer)) => newer.to_vec(),
-                        Some(None) => {
-                            cursor = seq + 1;
-                            continue;
-                        }
-                        None => value.to_vec(),
-                    };
-                    if let (_, Some(stored)) = Pending::split(&value)? {
-                        if StoredMessage::expiry_by_order_of(stored) {
-                            if StoredMessage::expires_ms_of(stored).is_some_and(|at| at > now) {
-                                break; // nor have any later ones
+                let cursor =
+                    walk_by_order(&self.db, range, from, &mut budget, |seq, key, value| {
+                        // The group's own writes come first: an entry it has
+                        // removed (acked, dead-lettered) is not pending any more.
+                        let value = match self.unapplied(group, key) {
+                            Some(None) => return Ok(Walk::Past),
+                            Some(Some(newer)) => Cow::Owned(newer.to_vec()),
+                            None => Cow::Borrowed(value),
+                        };
+                        let (_, Some(stored)) = Pending::split(&value)? else {
+                            return Ok(Walk::Past);
+                        };
+                        match expired_by_order(stored, now) {
+                            Some(false) => return Ok(Walk::Stop),
+                            Some(true) => {
+                                let message = StoredMessage::decode(topic.id, seq, stored)?;
+                                sub.push_expired(Arc::new(message));
+                                group.woken.insert(sub.id, sub.clone());
                             }
-                            let message = StoredMessage::decode(topic.id, seq, stored)?;
-                            sub.push_expired(Arc::new(message));
-                            group.woken.insert(sub.id, sub.clone());
+                            None => {}
                         }
-                    }
-                    cursor = seq + 1;
-                }
+                        Ok(Walk::Past)
+                    })?;
                 self.order_swept_inline.insert(sub.id, cursor);
             }
         }
@@ -937,6 +920,49 @@ impl Writer {
             self.failed.get_or_insert(reason);
         }
     }
+}
+
+/// What a by-order expiry walk does after one entry.
+enum Walk {
+    /// Go past it to the next.
+    Past,
+    /// Stop before it: it has not expired, nor has anything after it.
+    Stop,
+}
+
+/// Walks `range` (a topic's copies, or a subscription's pending entries)
+/// in sequence order from `from`, one entry of `budget` each, handing each
+/// to `visit` (sequence, key, value); returns where the next sweep starts.
+fn walk_by_order(
+    db: &sled::Db,
+    range: std::ops::RangeInclusive<[u8; 13]>,
+    from: u64,
+    budget: &mut usize,
+    mut visit: impl FnMut(u64, &[u8], &[u8]) -> Result<Walk, StorageError>,
+) -> Result<u64, StorageError> {
+    let mut cursor = from;
+    for item in db.range(range) {
+        if *budget == 0 {
+            break;
+        }
+        *budget -= 1;
+        let (key, value) = item?;
+        let Some(seq) = keys::seq_of(&key) else {
+            continue;
+        };
+        if let Walk::Stop = visit(seq, &key, &value)? {
+            break;
+        }
+        cursor = seq + 1;
+    }
+    Ok(cursor)
+}
+
+/// For a stored message value that expires by order: whether it has
+/// expired at `now` (None: it has an index entry, or no expiry).
+fn expired_by_order(stored: &[u8], now: u64) -> Option<bool> {
+    StoredMessage::expiry_by_order_of(stored)
+        .then(|| StoredMessage::expires_ms_of(stored).is_none_or(|at| at <= now))
 }
 
 fn apply_delta(value: u64, delta: i64) -> u64 {

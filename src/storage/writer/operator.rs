@@ -170,12 +170,13 @@ impl Writer {
         let prefix = keys::pending_prefix(sub.id);
         // Entries written earlier in this batch are not in the tree yet.
         // seq → whether its message is inline (then there is no topic copy).
-        let inline = |value: &[u8]| value.len() > Pending::LEN;
         let mut doomed: BTreeMap<u64, bool> = group
             .changes
             .range::<[u8], _>((Bound::Included(&prefix[..]), Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(&prefix))
-            .filter_map(|(key, value)| Some((keys::seq_of(key)?, inline(value.as_deref()?))))
+            .filter_map(|(key, value)| {
+                Some((keys::seq_of(key)?, Pending::is_inline(value.as_deref()?)))
+            })
             .collect();
         let mut from_tree = 0;
         for item in self.db.scan_prefix(prefix) {
@@ -189,7 +190,7 @@ impl Writer {
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            doomed.insert(seq, inline(&value));
+            doomed.insert(seq, Pending::is_inline(&value));
             from_tree += 1;
         }
         let removed = doomed.len() as u64;
