@@ -14,6 +14,9 @@
 #   FP_REUSE_N [100000]        messages published+acked per round
 #   FP_CPU_N [100000]          messages in the CPU-per-message run (phase f)
 #   FP_RECLAIM_WAIT [30]       idle seconds for sled to reclaim after the drain
+#   FP_AUDIT [1]               0: run with [audit] enabled = false, to tell the
+#                              audit log's growth from the queues' (not a
+#                              production setting: the design requires the log)
 #
 # The broker runs with the embedded default config (src/default_config.toml)
 # except for two ports, so as not to collide with a broker on 7443/9464:
@@ -27,7 +30,9 @@
 #   a  idle RSS, 5 s after /readyz says ready, fresh data dir, no traffic
 #   b  1M x 1 KiB backlog with one `bench pub` (rate), RSS at the end and
 #      after 10 s idle, data-dir size against live bytes
-#   c  SIGTERM, restart on the backlog: start-up to ready, RSS after start-up
+#   c  SIGTERM; the live keys and values counted by `joinery usage` (on a copy
+#      of the data dir), against the data dir's size; restart on the backlog:
+#      start-up to ready, RSS after start-up
 #   d  drain the backlog with a real consumer (`joinery subscribe`, acks),
 #      data-dir size after the drain and after FP_RECLAIM_WAIT s idle
 #   e  disk reuse: FP_REUSE_ROUNDS x `bench consume FP_REUSE_N` (each publishes
@@ -44,6 +49,7 @@ REUSE_ROUNDS=${FP_REUSE_ROUNDS:-10}
 REUSE_N=${FP_REUSE_N:-100000}
 CPU_N=${FP_CPU_N:-100000}
 RECLAIM_WAIT=${FP_RECLAIM_WAIT:-30}
+AUDIT=${FP_AUDIT:-1}
 GRPC_PORT=17443
 OPS_PORT=19464
 ADDR="https://127.0.0.1:${GRPC_PORT}"
@@ -51,18 +57,20 @@ READYZ="http://127.0.0.1:${OPS_PORT}/readyz"
 SUB=council-demo.bench
 
 # Live bytes per backlog message, from the storage layout (src/storage/keys.rs,
-# records.rs, audit/mod.rs) for a bench message with a SIZE-byte payload:
+# records.rs, audit/blocks.rs) for a bench message with a SIZE-byte payload:
 #   envelope: payload BenchPayload{data} (SIZE+3) + field overhead 3
 #             + message_id uuid 38 + message_type 25 + sender 14
 #             + created_at 13 + marking 2                     = SIZE + 98
-#   topic copy `m topic seq`: key 13 + header 112 + envelope  = SIZE + 223
-#   pending entry `p sub seq`: key 13 + value 12              = 25
-#   expiry index `x ms topic seq` (topic retention 1h): key   = 21
-#   => queue state                                            = SIZE + 269
-#   audit record of the publish (kept 7 years): key 9 + ~213  = 222
+#   one receiving subscription, retention expiry: the message is inline in
+#   its pending entry `p sub seq` (no topic copy, no expiry-index entry):
+#             key 13 + entry 12 + header 112 + envelope      = SIZE + 235
+#   audit record of the publish (kept 7 years), in a block: ~4 + ~213 = ~217
 # (peek reports payload_bytes = SIZE + 3 for the BenchPayload.)
-LIVE_QUEUE_PER_MSG=$((SIZE + 269))
-LIVE_AUDIT_PUB_PER_MSG=222
+# These estimates are printed in phase b while the broker runs; phase c counts
+# the real keys and values with `joinery usage` while it is stopped, and the
+# disk-against-live figures of phase c come from that count.
+LIVE_QUEUE_PER_MSG=$((SIZE + 235))
+LIVE_AUDIT_PUB_PER_MSG=217
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DEFAULT_CONFIG="${SCRIPT_DIR}/../src/default_config.toml"
@@ -98,6 +106,10 @@ sed 's/^listen = "127\.0\.0\.1:7443"$/listen = "127.0.0.1:'"$GRPC_PORT"'"/' \
 grep -q "^listen = \"127.0.0.1:${GRPC_PORT}\"" "$CONF" || die "could not set [broker] listen"
 grep -q '^\[metrics\]' "$CONF" && die "default config already has [metrics]; adjust the script"
 printf '\n[metrics]\nlisten = "127.0.0.1:%s"\n' "$OPS_PORT" >>"$CONF"
+if [[ "$AUDIT" == 0 ]]; then
+    grep -q '^\[audit\]' "$CONF" && die "default config already has [audit]; adjust the script"
+    printf '\n[audit]\nenabled = false\n' >>"$CONF"
+fi
 "$BIN" check-config --config "$CONF" >&2
 
 free_kb=$(df -Pk /tmp | awk 'NR == 2 { print $4 }')
@@ -279,6 +291,19 @@ phase_start "c: SIGTERM and restart on the backlog"
 stop_broker
 fig shutdown_secs "$STOP_SECS" s
 report_size disk_after_shutdown
+# Count the live keys and values on a copy: opening the store itself would
+# replay and flush its journal before the restart whose start-up is timed.
+cp -a "$DATA" "$WORK/usage-copy"
+"$BIN" usage --data-dir "$WORK/usage-copy" >&2
+"$BIN" usage --data-dir "$WORK/usage-copy" --json >"$WORK/usage-backlog.json"
+rm -rf "$WORK/usage-copy"
+live_queue=$(json_field "$WORK/usage-backlog.json" queue_bytes)
+live_all=$(json_field "$WORK/usage-backlog.json" live_bytes)
+fig live_queue_bytes_counted "$(mb "$live_queue")" MB
+fig live_with_audit_bytes_counted "$(mb "$live_all")" MB
+disk=$(tail -n1 "$SIZES" | cut -f3)
+fig disk_backlog_vs_counted_live_queue "$(awk -v a="$disk" -v b="$live_queue" 'BEGIN { printf "%.2f", a / b }')" x
+fig disk_backlog_vs_counted_live_with_audit "$(awk -v a="$disk" -v b="$live_all" 'BEGIN { printf "%.2f", a / b }')" x
 sync
 start_broker
 wait_ready 300
@@ -358,4 +383,14 @@ phase_end f
 stop_broker
 fig shutdown_final_secs "$STOP_SECS" s
 report_size disk_final
+# What is live at the end (the queues are drained: mostly the audit log,
+# kept for its retention), counted with the broker stopped.
+"$BIN" usage --data-dir "$DATA" >&2
+"$BIN" usage --data-dir "$DATA" --json >"$WORK/usage-final.json"
+live_queue=$(json_field "$WORK/usage-final.json" queue_bytes)
+live_all=$(json_field "$WORK/usage-final.json" live_bytes)
+fig live_queue_bytes_final_counted "$(mb "$live_queue")" MB
+fig live_with_audit_bytes_final_counted "$(mb "$live_all")" MB
+disk=$(tail -n1 "$SIZES" | cut -f3)
+fig disk_final_vs_counted_live_with_audit "$(awk -v a="$disk" -v b="$live_all" 'BEGIN { printf "%.2f", a / b }')" x
 log "done; raw sizes in $SIZES, logs and bench JSON in $WORK"

@@ -72,6 +72,14 @@ enum Command {
         #[command(subcommand)]
         command: joinery::audit::cli::AuditCommand,
     },
+    /// What the store holds by kind of key, against its size on disk (reads a stopped broker's data directory).
+    Usage {
+        #[command(flatten)]
+        store: joinery::audit::cli::StoreArgs,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Subscriptions at a glance: depth, in flight, oldest unacked, dead letters (operators).
     Stats {
         #[command(flatten)]
@@ -329,6 +337,7 @@ fn main() -> ExitCode {
         Command::Audit { command } => {
             joinery::audit::cli::run(command).map_err(anyhow::Error::from)
         }
+        Command::Usage { store, json } => usage(&store, json),
         Command::Stats { args, conn } => {
             operator_command(runtime.block_on(admin_cli::stats(&conn.operator(), &args)))
         }
@@ -722,5 +731,44 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     drop(tx);
     tokio::time::sleep(Duration::from_millis(100)).await;
     eprintln!("received {received} message(s)");
+    Ok(())
+}
+
+/// `joinery usage`: the store's keys and bytes by kind, and its size on disk.
+fn usage(store: &joinery::audit::cli::StoreArgs, json: bool) -> anyhow::Result<()> {
+    let dir = store.dir()?;
+    let db = store.open()?;
+    let usage = joinery::storage::usage(&db, &dir)?;
+    if json {
+        println!("{}", serde_json::to_string(&usage)?);
+        return Ok(());
+    }
+    let mb = |bytes: u64| bytes as f64 / 1_048_576.0;
+    println!("{:<40} {:>12} {:>12}", "kind", "keys", "MiB");
+    for kind in &usage.kinds {
+        println!(
+            "{:<40} {:>12} {:>12.1}",
+            kind.kind,
+            kind.keys,
+            mb(kind.bytes)
+        );
+    }
+    let times = |bytes: u64| match usage.live_bytes {
+        0 => String::new(),
+        live => format!(" ({:.2}x the live bytes)", bytes as f64 / live as f64),
+    };
+    println!(
+        "live: {:.1} MiB ({:.1} MiB queue state, {:.1} MiB audit log)",
+        mb(usage.live_bytes),
+        mb(usage.queue_bytes),
+        mb(usage.audit_bytes)
+    );
+    println!(
+        "on disk: sled {:.1} MiB{}; the data directory {:.1} MiB{}",
+        mb(usage.sled_bytes_on_disk),
+        times(usage.sled_bytes_on_disk),
+        mb(usage.dir_bytes_on_disk),
+        times(usage.dir_bytes_on_disk)
+    );
     Ok(())
 }

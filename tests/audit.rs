@@ -260,3 +260,60 @@ async fn tls_reloads_are_audited() {
         "a reload record: {reloads:?}"
     );
 }
+
+/// `joinery usage` on the same data directory: the keys it counts are the
+/// ones the run left (fire.inbox never consumed, so its 60 pending entries
+/// and their topic copies remain; the messages went to two subscriptions,
+/// so none is inline), and its byte totals add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_what_a_busy_run_left_in_the_store() {
+    let (_tmp, data) = busy_run().await;
+    let out = Command::new(BIN)
+        .args(["usage", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let usage: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds = usage["kinds"].as_array().unwrap();
+    let keys = |kind: &str| {
+        kinds
+            .iter()
+            .find(|k| k["kind"] == kind)
+            .map(|k| k["keys"].as_u64().unwrap())
+    };
+    assert_eq!(keys("pending entries"), Some(60), "{usage}");
+    assert_eq!(keys("topic copies of messages"), Some(60), "{usage}");
+    assert_eq!(
+        keys("pending entries holding their message"),
+        None,
+        "{usage}"
+    );
+    assert!(keys("audit blocks").unwrap_or(0) > 0, "{usage}");
+    let sum = |audit: bool| -> u64 {
+        kinds
+            .iter()
+            .filter(|k| k["kind"].as_str().unwrap().starts_with("audit") == audit)
+            .map(|k| k["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(usage["audit_bytes"].as_u64(), Some(sum(true)));
+    assert_eq!(usage["queue_bytes"].as_u64(), Some(sum(false)));
+    assert_eq!(usage["live_bytes"].as_u64(), Some(sum(true) + sum(false)));
+    assert!(usage["dir_bytes_on_disk"].as_u64().unwrap() > usage["live_bytes"].as_u64().unwrap());
+
+    // The table for people says the same.
+    let out = Command::new(BIN)
+        .args(["usage", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(table.contains("topic copies of messages"), "{table}");
+    assert!(
+        table.contains("live: ") && table.contains("x the live bytes"),
+        "{table}"
+    );
+}

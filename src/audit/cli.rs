@@ -70,8 +70,9 @@ pub enum AuditCliError {
 }
 
 impl StoreArgs {
-    fn open(&self) -> Result<sled::Db, AuditCliError> {
-        let dir = match &self.data_dir {
+    /// The data directory: --data-dir, or the configuration's.
+    pub fn dir(&self) -> Result<PathBuf, AuditCliError> {
+        Ok(match &self.data_dir {
             Some(dir) => dir.clone(),
             None => {
                 Config::load(self.config.as_deref())
@@ -79,8 +80,12 @@ impl StoreArgs {
                     .broker
                     .data_dir
             }
-        };
-        Ok(storage::open_existing(&dir)?)
+        })
+    }
+
+    /// Opens the store in [`StoreArgs::dir`] (a stopped broker's).
+    pub fn open(&self) -> Result<sled::Db, AuditCliError> {
+        Ok(storage::open_existing(&self.dir()?)?)
     }
 }
 

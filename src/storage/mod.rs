@@ -61,6 +61,7 @@ mod journal;
 pub mod keys;
 mod operator;
 pub mod records;
+mod usage;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -73,6 +74,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use operator::Redriven;
 pub use records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
+pub use usage::{usage, KindUsage, Usage};
 
 use crate::audit::{AuditEvent, Chain};
 

@@ -1,0 +1,163 @@
+//! What the store holds, by kind of key: how many keys and how many bytes
+//! (key plus value), against what sled and the data directory take on disk.
+//! Read by `joinery usage` from a stopped broker's data directory, so an
+//! operator (and `benches/footprint.sh`) can see the disk's amplification
+//! over the live bytes without working it out from the layout.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::{keys, records::Pending, StorageError};
+
+/// Keys and bytes of one kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KindUsage {
+    /// What the keys hold, in words.
+    pub kind: &'static str,
+    pub keys: u64,
+    /// Key and value bytes together.
+    pub bytes: u64,
+}
+
+/// The whole store's usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// One row per kind that has keys, in key order.
+    pub kinds: Vec<KindUsage>,
+    /// Sum of `bytes` over the kinds that hold queue state (messages,
+    /// pending entries, dead letters, indexes, counters, names).
+    pub queue_bytes: u64,
+    /// Sum of `bytes` over the audit log's kinds.
+    pub audit_bytes: u64,
+    /// Every key and value.
+    pub live_bytes: u64,
+    /// sled's own figure for its files.
+    pub sled_bytes_on_disk: u64,
+    /// Every file under the data directory, as allocated on disk (the
+    /// journal, the certificates of a development PKI and the
+    /// configuration's own files included).
+    pub dir_bytes_on_disk: u64,
+}
+
+/// Kinds, by the first byte of their keys; `true` for the audit log's.
+fn kind_of(first: u8) -> (&'static str, bool) {
+    match first {
+        keys::MESSAGE => ("topic copies of messages", false),
+        keys::DEAD => ("dead letters", false),
+        keys::DEDUP => ("dedup entries", false),
+        keys::DEDUP_BY_TIME => ("dedup expiry index", false),
+        keys::EXPIRY => ("message expiry index", false),
+        keys::NEXT_SEQ => ("topic sequences", false),
+        keys::COUNTERS => ("subscription counters", false),
+        keys::NAME => ("names", false),
+        keys::AUDIT => ("audit records (one per key)", true),
+        keys::AUDIT_BLOCK => ("audit blocks", true),
+        b'A' => ("audit anchor", true),
+        keys::SCHEMA => ("schema packages", false),
+        _ => ("store metadata", false),
+    }
+}
+
+const PENDING_INLINE: &str = "pending entries holding their message";
+const PENDING_PLAIN: &str = "pending entries";
+
+/// Reads every key of `db` (blocking; a full scan). `dir` is the data
+/// directory, for its size on disk.
+pub fn usage(db: &sled::Db, dir: &Path) -> Result<Usage, StorageError> {
+    let mut kinds: Vec<KindUsage> = Vec::new();
+    let mut usage = Usage::default();
+    for item in db.iter() {
+        let (key, value) = item?;
+        let bytes = (key.len() + value.len()) as u64;
+        let (kind, audit) = match key.first() {
+            Some(&keys::PENDING) if Pending::is_inline(&value) => (PENDING_INLINE, false),
+            Some(&keys::PENDING) => (PENDING_PLAIN, false),
+            Some(&first) => kind_of(first),
+            None => ("store metadata", false),
+        };
+        match kinds.iter_mut().find(|k| k.kind == kind) {
+            Some(row) => {
+                row.keys += 1;
+                row.bytes += bytes;
+            }
+            None => kinds.push(KindUsage {
+                kind,
+                keys: 1,
+                bytes,
+            }),
+        }
+        if audit {
+            usage.audit_bytes += bytes;
+        } else {
+            usage.queue_bytes += bytes;
+        }
+        usage.live_bytes += bytes;
+    }
+    usage.kinds = kinds;
+    usage.sled_bytes_on_disk = db.size_on_disk()?;
+    usage.dir_bytes_on_disk = allocated(dir).map_err(|source| StorageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(usage)
+}
+
+/// Bytes allocated on disk to every file under `dir` (st_blocks, as `du`).
+fn allocated(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            total += allocated(&entry.path())?;
+        } else {
+            total += meta.blocks() * 512;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_sums_each_kind_of_key_and_splits_audit_from_queue_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(tmp.path()).open().unwrap();
+        let inline = Pending::default().encode_inline(&[7u8; 100]);
+        db.insert(keys::pending(1, 1), inline.clone()).unwrap();
+        db.insert(keys::pending(1, 2), inline.clone()).unwrap();
+        db.insert(keys::pending(2, 1), &Pending::default().encode()[..])
+            .unwrap();
+        db.insert(keys::message(1, 1), &[1u8; 50][..]).unwrap();
+        db.insert(keys::audit_block(1), &[2u8; 300][..]).unwrap();
+        db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+
+        let u = usage(&db, tmp.path()).unwrap();
+        let row = |kind: &str| u.kinds.iter().find(|k| k.kind == kind).cloned();
+        let inline_bytes = 2 * (13 + inline.len() as u64);
+        assert_eq!(
+            row(PENDING_INLINE),
+            Some(KindUsage {
+                kind: PENDING_INLINE,
+                keys: 2,
+                bytes: inline_bytes
+            })
+        );
+        assert_eq!(row(PENDING_PLAIN).map(|r| (r.keys, r.bytes)), Some((1, 25)));
+        assert_eq!(
+            row("topic copies of messages").map(|r| r.bytes),
+            Some(13 + 50)
+        );
+        assert_eq!(row("audit blocks").map(|r| r.bytes), Some(9 + 300));
+        assert_eq!(u.audit_bytes, 309);
+        assert_eq!(u.queue_bytes, inline_bytes + 25 + 63 + 1 + 4);
+        assert_eq!(u.live_bytes, u.queue_bytes + u.audit_bytes);
+        assert!(u.sled_bytes_on_disk > 0);
+        assert!(u.dir_bytes_on_disk >= u.sled_bytes_on_disk / 2);
+    }
+}
