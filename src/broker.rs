@@ -126,6 +126,28 @@ struct TopicEntry {
     config: TopicConfig,
     state: Arc<TopicState>,
     subs: Vec<TopicSub>,
+    /// `joinery_published_total` for this topic, by publishing agency: a
+    /// handle looked up once per agency instead of on every publish.
+    published: std::sync::Mutex<Vec<(String, ::metrics::Counter)>>,
+}
+
+impl TopicEntry {
+    fn published_counter(&self, agency: &str) -> ::metrics::Counter {
+        let mut known = match self.published.lock() {
+            Ok(known) => known,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((_, counter)) = known.iter().find(|(a, _)| a == agency) {
+            return counter.clone();
+        }
+        let counter = ::metrics::counter!(
+            crate::metrics::PUBLISHED,
+            "topic" => self.config.name.clone(),
+            "agency" => agency.to_string()
+        );
+        known.push((agency.to_string(), counter.clone()));
+        counter
+    }
 }
 
 /// A subscription as its topic's publishers see it.
@@ -194,8 +216,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct PendingPublish {
     rx: oneshot::Receiver<Result<Published, StorageError>>,
     message_id: String,
-    topic: String,
-    sender: String,
+    published: ::metrics::Counter,
     started: Instant,
 }
 
@@ -204,8 +225,7 @@ impl PendingPublish {
     pub async fn wait(self) -> Result<PublishResponse, BrokerError> {
         let published = self.rx.await.map_err(|_| BrokerError::ShuttingDown)??;
         if !published.duplicate {
-            ::metrics::counter!(crate::metrics::PUBLISHED, "topic" => self.topic, "agency" => self.sender)
-                .increment(1);
+            self.published.increment(1);
         }
         ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS)
             .record(self.started.elapsed().as_secs_f64());
@@ -271,6 +291,7 @@ impl Broker {
                     config: t.clone(),
                     state,
                     subs: Vec::new(),
+                    published: Default::default(),
                 },
             );
         }
@@ -452,8 +473,7 @@ impl Broker {
         Ok(PendingPublish {
             rx,
             message_id,
-            topic: request.topic,
-            sender: caller.to_string(),
+            published: topic.published_counter(caller),
             started,
         })
     }

@@ -33,11 +33,20 @@ pub struct BlockWriter {
 impl BlockWriter {
     /// Adds record `seq`, which must follow the previous one.
     pub fn push(&mut self, seq: u64, stored: &[u8]) {
+        self.push_with(seq, |buf| buf.extend_from_slice(stored));
+    }
+
+    /// Adds record `seq`, whose stored bytes `write` appends to the block
+    /// in place.
+    pub fn push_with(&mut self, seq: u64, write: impl FnOnce(&mut Vec<u8>)) {
         let (_, buf) = self
             .open
             .get_or_insert_with(|| (seq, Vec::with_capacity(BLOCK_BYTES + 512)));
-        buf.extend_from_slice(&(stored.len() as u32).to_be_bytes());
-        buf.extend_from_slice(stored);
+        let at = buf.len();
+        buf.extend_from_slice(&[0; LEN]);
+        write(buf);
+        let len = (buf.len() - at - LEN) as u32;
+        buf[at..at + LEN].copy_from_slice(&len.to_be_bytes());
         if buf.len() >= BLOCK_BYTES {
             self.close();
         }

@@ -233,32 +233,63 @@ impl Chain {
         })
     }
 
-    /// The sequence number and stored bytes of the next record (for a
-    /// [`blocks::BlockWriter`]); advances the head.
+    /// The sequence number and stored bytes of the next record; advances
+    /// the head. (The writer uses [`Chain::append_to`], which builds the
+    /// same bytes in place.)
     pub fn append(&mut self, event: &AuditEvent, time_ms: u64) -> (u64, Vec<u8>) {
+        let mut blocks = blocks::BlockWriter::default();
+        let seq = self.append_to(event.clone(), time_ms, &mut blocks);
+        let value = blocks
+            .finish()
+            .into_iter()
+            .next()
+            .and_then(|(_, block)| blocks::decode_block(&block).map(|r| r.concat()))
+            .unwrap_or_default();
+        (seq, value)
+    }
+
+    /// Appends the next record to `blocks`, encoded and hashed in place (no
+    /// copy of the event's strings, no buffer of its own); advances the
+    /// head and returns its sequence number.
+    pub fn append_to(
+        &mut self,
+        event: AuditEvent,
+        time_ms: u64,
+        blocks: &mut blocks::BlockWriter,
+    ) -> u64 {
         let record = AuditRecord {
             seq: self.next_seq,
             time_ms,
             event: event.kind.as_str().to_string(),
-            agency: event.agency.clone(),
-            topic: event.topic.clone(),
-            subscription: event.subscription.clone(),
-            message_id: event.message_id.clone(),
-            message_type: event.message_type.clone(),
+            agency: event.agency,
+            topic: event.topic,
+            subscription: event.subscription,
+            message_id: event.message_id,
+            message_type: event.message_type,
             payload_sha256: event.digest.map(|d| d.to_vec()).unwrap_or_default(),
             sequence: event.sequence,
             attempt: event.attempt,
-            reason: event.reason.clone(),
+            reason: event.reason,
             prev_hash: self.last_hash.to_vec(),
             count: event.count,
         };
-        let mut value = record.encode_to_vec();
-        let hash = sha256(&value);
-        value.extend_from_slice(&hash);
         let seq = self.next_seq;
+        let mut hash = [0u8; HASH_LEN];
+        blocks.push_with(seq, |buf| {
+            let start = buf.len();
+            buf.reserve(record.encoded_len() + HASH_LEN);
+            // A Vec grows as needed, so encoding into one cannot fail; the
+            // fallback only keeps this free of a panic path.
+            if record.encode(buf).is_err() {
+                buf.truncate(start);
+                buf.extend_from_slice(&record.encode_to_vec());
+            }
+            hash = sha256(&buf[start..]);
+            buf.extend_from_slice(&hash);
+        });
         self.next_seq += 1;
         self.last_hash = hash;
-        (seq, value)
+        seq
     }
 
     pub fn retention_ms(&self) -> u64 {
@@ -538,6 +569,81 @@ mod tests {
         for (key, value) in w.finish() {
             db.insert(key, value).unwrap();
         }
+    }
+
+    #[test]
+    fn records_built_in_place_are_the_prost_encoding_and_its_hash_chained() {
+        let mut chain = Chain {
+            next_seq: 7,
+            last_hash: [9; HASH_LEN],
+            retention_ms: 0,
+        };
+        let mut event = AuditEvent::new(EventKind::DeadLetter, "council");
+        event.topic = "referrals".into();
+        event.subscription = "council.inbox".into();
+        event.message_id = "m-1".into();
+        event.message_type = "joinery.v1.Test".into();
+        event.digest = Some([3; 32]);
+        event.sequence = 42;
+        event.attempt = 5;
+        event.reason = "max_deliveries".into();
+        event.count = 2;
+        let mut w = blocks::BlockWriter::default();
+        assert_eq!(chain.append_to(event.clone(), 1_000, &mut w), 7);
+        assert_eq!(
+            chain.append_to(AuditEvent::new(EventKind::Ack, "x"), 1_001, &mut w),
+            8
+        );
+
+        // What the records must be: the prost encoding of every field, then
+        // its SHA-256; the second chained to the first.
+        let first = AuditRecord {
+            seq: 7,
+            time_ms: 1_000,
+            event: "dead_letter".into(),
+            agency: "council".into(),
+            topic: "referrals".into(),
+            subscription: "council.inbox".into(),
+            message_id: "m-1".into(),
+            message_type: "joinery.v1.Test".into(),
+            payload_sha256: vec![3; 32],
+            sequence: 42,
+            attempt: 5,
+            reason: "max_deliveries".into(),
+            prev_hash: vec![9; HASH_LEN],
+            count: 2,
+        };
+        let mut first_stored = first.encode_to_vec();
+        let first_hash = sha256(&first_stored);
+        first_stored.extend_from_slice(&first_hash);
+        let second = AuditRecord {
+            seq: 8,
+            time_ms: 1_001,
+            event: "ack".into(),
+            agency: "x".into(),
+            prev_hash: first_hash.to_vec(),
+            ..Default::default()
+        };
+        let mut second_stored = second.encode_to_vec();
+        let second_hash = sha256(&second_stored);
+        second_stored.extend_from_slice(&second_hash);
+
+        let block = w.finish();
+        assert_eq!(block.len(), 1);
+        assert_eq!(block[0].0, keys::audit_block(7));
+        assert_eq!(
+            block[0].1,
+            blocks::encode_block(&[&first_stored, &second_stored])
+        );
+        assert_eq!(chain.last_hash, second_hash);
+        assert_eq!(chain.next_seq, 9);
+        // `append` gives the same stored bytes, record by record.
+        let mut again = Chain {
+            next_seq: 7,
+            last_hash: [9; HASH_LEN],
+            retention_ms: 0,
+        };
+        assert_eq!(again.append(&event, 1_000), (7, first_stored));
     }
 
     #[test]

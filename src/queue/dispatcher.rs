@@ -79,6 +79,32 @@ pub(super) struct Dispatcher {
     next_delivery: u64,
     /// When in-flight figures were last reported to the store.
     reported_at: Option<Instant>,
+    /// The per-message metrics of this subscription, looked up once.
+    metrics: SubMetrics,
+}
+
+/// Handles to the subscription's per-message counters and histogram: the
+/// `counter!` macro would build and hash the labelled key on every call.
+struct SubMetrics {
+    delivered: ::metrics::Counter,
+    redelivered: ::metrics::Counter,
+    acked: ::metrics::Counter,
+    publish_to_ack: ::metrics::Histogram,
+}
+
+impl SubMetrics {
+    fn new(subscription: &str) -> Self {
+        let label = || ("subscription", subscription.to_string());
+        Self {
+            delivered: ::metrics::counter!(crate::metrics::DELIVERED, &[label()]),
+            redelivered: ::metrics::counter!(crate::metrics::REDELIVERED, &[label()]),
+            acked: ::metrics::counter!(crate::metrics::ACKED, &[label()]),
+            publish_to_ack: ::metrics::histogram!(
+                crate::metrics::PUBLISH_TO_ACK_SECONDS,
+                &[label()]
+            ),
+        }
+    }
 }
 
 impl Dispatcher {
@@ -90,7 +116,9 @@ impl Dispatcher {
         rx: mpsc::Receiver<Event>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let metrics = SubMetrics::new(&info.name);
         Self {
+            metrics,
             info,
             state,
             topic,
@@ -376,12 +404,10 @@ impl Dispatcher {
                 }
             }
             ack => {
-                ::metrics::counter!(crate::metrics::ACKED, "subscription" => self.info.name.clone())
-                    .increment(1);
+                self.metrics.acked.increment(1);
                 if item.message.publish_ms != 0 {
                     let age = now_ms().saturating_sub(item.message.publish_ms);
-                    ::metrics::histogram!(crate::metrics::PUBLISH_TO_ACK_SECONDS, "subscription" => self.info.name.clone())
-                        .record(age as f64 / 1000.0);
+                    self.metrics.publish_to_ack.record(age as f64 / 1000.0);
                 }
                 ack
             }
@@ -570,11 +596,9 @@ impl Dispatcher {
                     item.attempts += 1;
                     let consumer = slot.id;
                     self.audit(EventKind::Delivery, &item).await;
-                    ::metrics::counter!(crate::metrics::DELIVERED, "subscription" => self.info.name.clone())
-                        .increment(1);
+                    self.metrics.delivered.increment(1);
                     if item.attempts > 1 {
-                        ::metrics::counter!(crate::metrics::REDELIVERED, "subscription" => self.info.name.clone())
-                            .increment(1);
+                        self.metrics.redelivered.increment(1);
                     }
                     let deadline = Instant::now() + self.info.ack_deadline;
                     self.deadlines.insert((deadline, id));

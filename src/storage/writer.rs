@@ -269,7 +269,7 @@ impl Writer {
                     agency,
                 } => self.settle(group, &sub, &topic, &message, outcome, agency, now),
                 Op::Audit(event) => {
-                    self.record(group, &event, now);
+                    self.record(group, *event, now);
                     Ok(())
                 }
                 Op::Requeue { sub, seq, pending } => {
@@ -419,7 +419,7 @@ impl Writer {
             group.put(&keys::dedup_by_time(p.publish_ms, dedup_key), &[]);
         }
         let event = publish_event(&p, EventKind::Publish, seq);
-        self.record(group, &event, now);
+        self.record(group, event, now);
         group.publishes += 1;
         group.replies.push((
             p.reply,
@@ -557,7 +557,7 @@ impl Writer {
         event.digest = Some(digest);
         event.sequence = seq;
         event.reason = format!("delivery report for {}", message.message_id);
-        self.record(group, &event, now);
+        self.record(group, event, now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -593,7 +593,11 @@ impl Writer {
         .about(message);
         event.topic = topic.name.clone();
         event.subscription = sub.name.clone();
-        self.record(group, &event, now);
+        let owner = match outcome {
+            Outcome::Ack => None,
+            Outcome::DeadLetter { .. } => Some(event.agency.clone()),
+        };
+        self.record(group, event, now);
         match outcome {
             Outcome::Ack => group.delta(sub, -1, 0),
             Outcome::DeadLetter { reason, attempts } => {
@@ -605,7 +609,7 @@ impl Writer {
                 };
                 group.put(&keys::dead(sub.id, seq), &dead.encode());
                 group.delta(sub, -1, 1);
-                let owner = event.agency.clone();
+                let owner = owner.unwrap_or_default();
                 self.report(group, message, topic, sub, &owner, reason, attempts, now);
             }
         }
@@ -648,10 +652,9 @@ impl Writer {
     }
 
     /// Appends an audit record to the group (when the audit log is on).
-    fn record(&mut self, group: &mut Group, event: &AuditEvent, now: u64) {
+    fn record(&mut self, group: &mut Group, event: AuditEvent, now: u64) {
         if let Some(chain) = self.audit.as_mut() {
-            let (seq, value) = chain.append(event, now);
-            group.audit.push(seq, &value);
+            chain.append_to(event, now, &mut group.audit);
         }
     }
 

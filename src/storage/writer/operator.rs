@@ -34,7 +34,7 @@ impl Writer {
         match self.redrive_into(group, &sub, &topic, &sequences, limit) {
             Ok(redriven) => {
                 event.count = redriven.sequences.len() as u64;
-                self.record(group, &event, now);
+                self.record(group, event, now);
                 let _ = reply.send(Ok(redriven));
                 group.syncs.push(durable);
                 Ok(())
@@ -147,7 +147,7 @@ impl Writer {
             Ok(removed) => {
                 if removed > 0 || record_empty {
                     event.count = removed;
-                    self.record(group, &event, now);
+                    self.record(group, event, now);
                 }
                 let _ = reply.send(Ok(removed));
                 group.syncs.push(durable);
