@@ -305,6 +305,11 @@ fn main() -> ExitCode {
     init_tracing();
     joinery::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // Blocking-pool threads (store reads, stat calls) end after 1 s
+        // unused instead of tokio's 10 s, so the burst of them at start-up
+        // is gone once the broker sits idle (0.2-1.2 MB less anonymous
+        // memory idle, three runs); one costs tens of microseconds to start.
+        .thread_keep_alive(Duration::from_secs(1))
         .enable_all()
         .build()
     {
