@@ -162,6 +162,24 @@ report_size() { # name
     fig "${1}_allocated" "$(mb "$(tail -n1 "$SIZES" | cut -f4)")" MB
 }
 
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
+
+# count_live <data dir> <name> [queue]: `joinery usage` on a stopped broker's
+# data dir (table on stderr); the live bytes it counts, and the last size
+# recorded against them (also against the queue state alone with `queue`).
+count_live() {
+    local dir=$1 name=$2 json="$WORK/usage-$2.json" queue all disk
+    "$BIN" usage --data-dir "$dir" >&2
+    "$BIN" usage --data-dir "$dir" --json >"$json"
+    queue=$(json_field "$json" queue_bytes)
+    all=$(json_field "$json" live_bytes)
+    disk=$(tail -n1 "$SIZES" | cut -f3)
+    fig "live_queue_bytes_counted_$name" "$(mb "$queue")" MB
+    fig "live_with_audit_bytes_counted_$name" "$(mb "$all")" MB
+    [[ "${3:-}" != queue ]] || fig "disk_${name}_vs_counted_live_queue" "$(ratio "$disk" "$queue")" x
+    fig "disk_${name}_vs_counted_live_with_audit" "$(ratio "$disk" "$all")" x
+}
+
 depth() {
     timeout 30 "$BIN" stats --json "${CLI[@]}" 2>/dev/null |
         grep -o "\"depth\":[0-9]*,\"in_flight\":[0-9]*,\"name\":\"$SUB\"" |
@@ -294,16 +312,8 @@ report_size disk_after_shutdown
 # Count the live keys and values on a copy: opening the store itself would
 # replay and flush its journal before the restart whose start-up is timed.
 cp -a "$DATA" "$WORK/usage-copy"
-"$BIN" usage --data-dir "$WORK/usage-copy" >&2
-"$BIN" usage --data-dir "$WORK/usage-copy" --json >"$WORK/usage-backlog.json"
+count_live "$WORK/usage-copy" backlog queue
 rm -rf "$WORK/usage-copy"
-live_queue=$(json_field "$WORK/usage-backlog.json" queue_bytes)
-live_all=$(json_field "$WORK/usage-backlog.json" live_bytes)
-fig live_queue_bytes_counted "$(mb "$live_queue")" MB
-fig live_with_audit_bytes_counted "$(mb "$live_all")" MB
-disk=$(tail -n1 "$SIZES" | cut -f3)
-fig disk_backlog_vs_counted_live_queue "$(awk -v a="$disk" -v b="$live_queue" 'BEGIN { printf "%.2f", a / b }')" x
-fig disk_backlog_vs_counted_live_with_audit "$(awk -v a="$disk" -v b="$live_all" 'BEGIN { printf "%.2f", a / b }')" x
 sync
 start_broker
 wait_ready 300
@@ -385,12 +395,5 @@ fig shutdown_final_secs "$STOP_SECS" s
 report_size disk_final
 # What is live at the end (the queues are drained: mostly the audit log,
 # kept for its retention), counted with the broker stopped.
-"$BIN" usage --data-dir "$DATA" >&2
-"$BIN" usage --data-dir "$DATA" --json >"$WORK/usage-final.json"
-live_queue=$(json_field "$WORK/usage-final.json" queue_bytes)
-live_all=$(json_field "$WORK/usage-final.json" live_bytes)
-fig live_queue_bytes_final_counted "$(mb "$live_queue")" MB
-fig live_with_audit_bytes_final_counted "$(mb "$live_all")" MB
-disk=$(tail -n1 "$SIZES" | cut -f3)
-fig disk_final_vs_counted_live_with_audit "$(awk -v a="$disk" -v b="$live_all" 'BEGIN { printf "%.2f", a / b }')" x
+count_live "$DATA" final
 log "done; raw sizes in $SIZES, logs and bench JSON in $WORK"

@@ -128,15 +128,12 @@ struct TopicEntry {
     subs: Vec<TopicSub>,
     /// `joinery_published_total` for this topic, by publishing agency: a
     /// handle looked up once per agency instead of on every publish.
-    published: std::sync::Mutex<Vec<(String, ::metrics::Counter)>>,
+    published: Mutex<Vec<(String, ::metrics::Counter)>>,
 }
 
 impl TopicEntry {
     fn published_counter(&self, agency: &str) -> ::metrics::Counter {
-        let mut known = match self.published.lock() {
-            Ok(known) => known,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut known = lock(&self.published);
         if let Some((_, counter)) = known.iter().find(|(a, _)| a == agency) {
             return counter.clone();
         }
