@@ -742,8 +742,19 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 /// `joinery usage`: the store's keys and bytes by kind, and its size on disk.
 fn usage(store: &joinery::audit::cli::StoreArgs, json: bool) -> anyhow::Result<()> {
     let dir = store.dir()?;
+    let started = Instant::now();
     let db = store.open()?;
-    let usage = joinery::storage::usage(&db, &dir)?;
+    // A full scan: say how far it has got every few seconds.
+    let mut said = started;
+    let usage = joinery::storage::usage(&db, &dir, |read| {
+        if said.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "usage: {read} keys read in {:.0} s ...",
+                started.elapsed().as_secs_f64()
+            );
+            said = Instant::now();
+        }
+    })?;
     if json {
         println!("{}", serde_json::to_string(&usage)?);
         return Ok(());

@@ -62,13 +62,26 @@ fn kind_of(first: u8) -> (&'static str, bool) {
 const PENDING_INLINE: &str = "pending entries holding their message";
 const PENDING_PLAIN: &str = "pending entries";
 
-/// Reads every key of `db` (blocking; a full scan). `dir` is the data
+/// How many keys go by between calls of `usage`'s progress callback.
+pub const PROGRESS_EVERY: u64 = 100_000;
+
+/// Reads every key of `db` (blocking; a full scan), calling `progress` with
+/// the keys read so far every [`PROGRESS_EVERY`] keys. `dir` is the data
 /// directory, for its size on disk.
-pub fn usage(db: &sled::Db, dir: &Path) -> Result<Usage, StorageError> {
+pub fn usage(
+    db: &sled::Db,
+    dir: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<Usage, StorageError> {
     let mut kinds: Vec<KindUsage> = Vec::new();
     let mut usage = Usage::default();
+    let mut read = 0u64;
     for item in db.iter() {
         let (key, value) = item?;
+        read += 1;
+        if read % PROGRESS_EVERY == 0 {
+            progress(read);
+        }
         let bytes = (key.len() + value.len()) as u64;
         let (kind, audit) = match key.first() {
             Some(&keys::PENDING) if Pending::is_inline(&value) => (PENDING_INLINE, false),
@@ -137,7 +150,9 @@ mod tests {
         db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
 
-        let u = usage(&db, tmp.path()).unwrap();
+        let mut calls = 0;
+        let u = usage(&db, tmp.path(), |_| calls += 1).unwrap();
+        assert_eq!(calls, 0, "fewer keys than one progress step");
         let row = |kind: &str| u.kinds.iter().find(|k| k.kind == kind).cloned();
         let inline_bytes = 2 * (13 + inline.len() as u64);
         assert_eq!(
@@ -159,5 +174,22 @@ mod tests {
         assert_eq!(u.live_bytes, u.queue_bytes + u.audit_bytes);
         assert!(u.sled_bytes_on_disk > 0);
         assert!(u.dir_bytes_on_disk >= u.sled_bytes_on_disk / 2);
+    }
+
+    #[test]
+    fn a_long_scan_reports_its_progress() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(tmp.path()).open().unwrap();
+        let n = 2 * PROGRESS_EVERY + 5;
+        let mut batch = sled::Batch::default();
+        for seq in 0..n {
+            batch.insert(&keys::message(1, seq)[..], &b"x"[..]);
+        }
+        db.apply_batch(batch).unwrap();
+        let mut seen = Vec::new();
+        let u = usage(&db, tmp.path(), |read| seen.push(read)).unwrap();
+        assert_eq!(seen, [PROGRESS_EVERY, 2 * PROGRESS_EVERY]);
+        assert_eq!(u.kinds[0].keys, n);
+        assert_eq!(u.queue_bytes, n * 14);
     }
 }
