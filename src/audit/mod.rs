@@ -234,17 +234,11 @@ impl Chain {
     }
 
     /// The sequence number and stored bytes of the next record; advances
-    /// the head. (The writer uses [`Chain::append_to`], which builds the
-    /// same bytes in place.)
+    /// the head. (The writer uses [`Chain::append_to`], which writes the
+    /// same bytes straight into a block.)
     pub fn append(&mut self, event: &AuditEvent, time_ms: u64) -> (u64, Vec<u8>) {
-        let mut blocks = blocks::BlockWriter::default();
-        let seq = self.append_to(event.clone(), time_ms, &mut blocks);
-        let value = blocks
-            .finish()
-            .into_iter()
-            .next()
-            .and_then(|(_, block)| blocks::decode_block(&block).map(|r| r.concat()))
-            .unwrap_or_default();
+        let mut value = Vec::new();
+        let seq = self.write_next(event.clone(), time_ms, &mut value);
         (seq, value)
     }
 
@@ -257,6 +251,17 @@ impl Chain {
         time_ms: u64,
         blocks: &mut blocks::BlockWriter,
     ) -> u64 {
+        let seq = self.next_seq;
+        blocks.push_with(seq, |buf| {
+            self.write_next(event, time_ms, buf);
+        });
+        seq
+    }
+
+    /// Appends the next record's stored bytes (its prost encoding, then
+    /// their SHA-256) to `buf`; advances the head and returns its sequence
+    /// number.
+    fn write_next(&mut self, event: AuditEvent, time_ms: u64, buf: &mut Vec<u8>) -> u64 {
         let record = AuditRecord {
             seq: self.next_seq,
             time_ms,
@@ -273,20 +278,17 @@ impl Chain {
             prev_hash: self.last_hash.to_vec(),
             count: event.count,
         };
+        let start = buf.len();
+        buf.reserve(record.encoded_len() + HASH_LEN);
+        // A Vec grows as needed, so encoding into one cannot fail; the
+        // fallback only keeps this free of a panic path.
+        if record.encode(buf).is_err() {
+            buf.truncate(start);
+            buf.extend_from_slice(&record.encode_to_vec());
+        }
+        let hash = sha256(&buf[start..]);
+        buf.extend_from_slice(&hash);
         let seq = self.next_seq;
-        let mut hash = [0u8; HASH_LEN];
-        blocks.push_with(seq, |buf| {
-            let start = buf.len();
-            buf.reserve(record.encoded_len() + HASH_LEN);
-            // A Vec grows as needed, so encoding into one cannot fail; the
-            // fallback only keeps this free of a panic path.
-            if record.encode(buf).is_err() {
-                buf.truncate(start);
-                buf.extend_from_slice(&record.encode_to_vec());
-            }
-            hash = sha256(&buf[start..]);
-            buf.extend_from_slice(&hash);
-        });
         self.next_seq += 1;
         self.last_hash = hash;
         seq
