@@ -298,8 +298,8 @@ fig live_queue_bytes "$(mb "$live_queue")" MB
 fig live_with_audit_bytes "$(mb "$live_all")" MB
 report_size disk_backlog
 disk=$(tail -n1 "$SIZES" | cut -f3)
-fig disk_backlog_vs_live_queue "$(awk -v a="$disk" -v b="$live_queue" 'BEGIN { printf "%.2f", a / b }')" x
-fig disk_backlog_vs_live_with_audit "$(awk -v a="$disk" -v b="$live_all" 'BEGIN { printf "%.2f", a / b }')" x
+fig disk_backlog_vs_live_queue "$(ratio "$disk" "$live_queue")" x
+fig disk_backlog_vs_live_with_audit "$(ratio "$disk" "$live_all")" x
 fig sled_size_on_disk_backlog "$(mb "$(curl -s -m 5 "http://127.0.0.1:${OPS_PORT}/metrics" |
     awk '$1 == "joinery_storage_bytes" { printf "%.0f", $2 }')")" MB
 phase_end b
