@@ -250,6 +250,7 @@ impl Broker {
             dedup_window: b.dedup_window,
             max_batch: b.max_batch,
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
+            audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
             reports: config
                 .agencies
                 .iter()

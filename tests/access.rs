@@ -315,7 +315,7 @@ async fn refusals_are_counted_and_audited() {
     let (_tmp, _pki) = broker.stop().await;
     let db = joinery::storage::open_existing(&data).unwrap();
     let mut denied = Vec::new();
-    joinery::audit::export(&db, 0, None, |r| {
+    joinery::audit::export(&db, &data, 0, None, |r| {
         if r.event == "denied" {
             denied.push((r.agency, r.topic, r.reason));
         }

@@ -122,7 +122,7 @@ async fn counts_become(
 fn audited(data: &std::path::Path, event: &str) -> Vec<(String, String, u64)> {
     let db = joinery::storage::open_existing(data).expect("open stopped store");
     let mut out = Vec::new();
-    joinery::audit::export(&db, 0, None, |r| {
+    joinery::audit::export(&db, data, 0, None, |r| {
         if r.event == event {
             out.push((r.agency, r.subscription, r.count));
         }

@@ -127,20 +127,16 @@ async fn audit_chain_verifies_after_a_busy_run_and_records_everything() {
 }
 
 /// Rewrites one stored audit record with `edit` (or, when it returns false,
-/// takes it out of its block), bypassing the broker.
+/// takes it out of its block) in its segment file, bypassing the broker.
 fn tamper(data: &Path, seq: u64, edit: impl FnOnce(&mut Vec<u8>) -> bool) {
-    use joinery::audit::blocks;
-    let db = joinery::storage::open_existing(data).unwrap();
-    let (key, mut records, at) = blocks::block_of(&db, seq).unwrap().expect("record exists");
+    use joinery::audit::segments;
+    let (path, first, mut records, at) = segments::block_of(data, seq)
+        .unwrap()
+        .expect("record exists");
     if !edit(&mut records[at]) {
         records.remove(at);
     }
-    if records.is_empty() {
-        db.remove(key).unwrap();
-    } else {
-        db.insert(key, blocks::encode_block(&records)).unwrap();
-    }
-    db.flush().unwrap();
+    segments::replace_block(&path, first, &records).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +286,13 @@ async fn usage_counts_what_a_busy_run_left_in_the_store() {
         None,
         "{usage}"
     );
-    assert!(keys("audit blocks").unwrap_or(0) > 0, "{usage}");
+    // Every record, in the segment files; none left in sled.
+    assert_eq!(
+        keys("audit records in segment files"),
+        Some(records(&data).len() as u64),
+        "{usage}"
+    );
+    assert_eq!(keys("audit blocks"), None, "{usage}");
     let sum = |audit: bool| -> u64 {
         kinds
             .iter()

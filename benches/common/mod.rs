@@ -29,6 +29,7 @@ pub fn open_store(
             dedup_window: defaults.dedup_window,
             max_batch: defaults.max_batch,
             audit_retention: Some(AUDIT_RETENTION),
+            audit_segment_bytes: joinery::audit::segments::SEGMENT_BYTES,
             reports: Vec::new(),
         },
         topics,

@@ -8,17 +8,17 @@
 //! and one insert per record made the audit log a third of the writer's
 //! work.
 //!
-//! Earlier versions stored one record per key (`a seq`); those are still
-//! read, before every block (they are older than any block).
+//! Blocks travel in the journal as keys `b first_seq` and are stored in
+//! segment files ([`super::segments`]). Earlier versions kept them in sled
+//! under those keys, and before that one record per key (`a seq`); opening
+//! such a store moves them into segments ([`legacy`]).
 
 use std::ops::Range;
 
-use super::{AuditError, HASH_LEN};
+use super::AuditError;
 use crate::storage::keys;
 
-/// A block is closed once it holds at least this many bytes. Small enough
-/// that a full sled leaf of blocks (16) stays inline in sled's log instead
-/// of going to a blob file.
+/// A block is closed once it holds at least this many bytes.
 pub const BLOCK_BYTES: usize = 4096;
 
 const LEN: usize = 4;
@@ -103,171 +103,22 @@ pub fn decode_block(value: &[u8]) -> Option<Vec<&[u8]>> {
     )
 }
 
-/// One stored record, as found in the tree.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    /// Its sequence number by where it is stored (the key, or the block's
-    /// first sequence plus its position).
-    pub seq: u64,
-    /// Key of the block (or single record) holding it.
-    pub key: sled::IVec,
-    value: sled::IVec,
-    range: Range<usize>,
-    /// The last record of its block: the block can go once this one can.
-    pub last_in_block: bool,
-}
-
-impl Stored {
-    /// Its stored bytes: encoding then hash.
-    pub fn bytes(&self) -> &[u8] {
-        &self.value[self.range.clone()]
-    }
-
-    /// Its encoding and stored hash, or None if shorter than a hash.
-    pub fn split(&self) -> Option<(&[u8], [u8; HASH_LEN])> {
-        super::split(self.bytes())
-    }
-
-    /// Bytes it takes in the tree: its share of the value, plus the key
-    /// once per block.
-    pub fn stored_len(&self) -> u64 {
-        let key = if self.last_in_block {
-            self.key.len()
-        } else {
-            0
-        };
-        (self.range.len() + LEN + key) as u64
-    }
-}
-
-/// Every stored record in sequence order: single records of earlier
-/// versions, then blocks. Stops after the first error.
-pub struct Records {
-    singles: sled::Iter,
-    blocks: sled::Iter,
-    pending: std::vec::IntoIter<Stored>,
-    failed: bool,
-}
-
-impl Records {
-    pub fn new(tree: &sled::Db) -> Records {
-        Records {
-            singles: tree.scan_prefix([keys::AUDIT]),
-            blocks: tree.scan_prefix([keys::AUDIT_BLOCK]),
-            pending: Vec::new().into_iter(),
-            failed: false,
-        }
-    }
-
-    fn next_inner(&mut self) -> Option<Result<Stored, AuditError>> {
-        if let Some(stored) = self.pending.next() {
-            return Some(Ok(stored));
-        }
-        if let Some(item) = self.singles.next() {
-            return Some(item.map_err(AuditError::from).and_then(single));
-        }
-        let records = match self.blocks.next()? {
-            Ok(kv) => block(kv),
-            Err(e) => return Some(Err(e.into())),
-        };
-        match records {
-            Ok(records) => {
-                self.pending = records.into_iter();
-                self.pending.next().map(Ok)
-            }
-            Err(e) => Some(Err(e)),
-        }
-    }
-}
-
-/// A single record of an earlier version, stored under `a seq`.
-fn single((key, value): (sled::IVec, sled::IVec)) -> Result<Stored, AuditError> {
-    let seq = seq_of(&key)?;
-    let range = 0..value.len();
-    Ok(Stored {
-        seq,
-        key,
-        value,
-        range,
-        last_in_block: true,
-    })
-}
-
-/// The records of a block stored under `b first_seq`, in order; never empty.
-fn block((key, value): (sled::IVec, sled::IVec)) -> Result<Vec<Stored>, AuditError> {
-    let first = seq_of(&key)?;
-    let Some(ranges) = block_ranges(&value).filter(|r| !r.is_empty()) else {
-        return Err(AuditError::Broken {
-            seq: first,
-            problem: "its block is cut short or empty".into(),
-        });
-    };
-    let last = ranges.len() - 1;
-    Ok(ranges
-        .into_iter()
-        .enumerate()
-        .map(|(i, range)| Stored {
-            seq: first + i as u64,
-            key: key.clone(),
-            value: value.clone(),
-            range,
-            last_in_block: i == last,
-        })
-        .collect())
-}
-
-impl Iterator for Records {
-    type Item = Result<Stored, AuditError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = self.next_inner();
-        if matches!(item, Some(Err(_))) {
-            self.failed = true;
-        }
-        item
-    }
-}
-
-/// The last stored record, if any.
-pub fn last(tree: &sled::Db) -> Result<Option<Stored>, AuditError> {
-    if let Some(item) = tree.scan_prefix([keys::AUDIT_BLOCK]).next_back() {
-        return Ok(block(item?)?.pop());
-    }
-    tree.scan_prefix([keys::AUDIT])
-        .next_back()
-        .map(|item| single(item?))
-        .transpose()
-}
-
-/// A block as found by [`block_of`]: its key, its records (stored bytes)
-/// and the position of the record asked for.
-pub type FoundBlock = (sled::IVec, Vec<Vec<u8>>, usize);
-
-/// The block holding record `seq`. For tools and tests that inspect or
-/// repair the log by hand.
-pub fn block_of(tree: &sled::Db, seq: u64) -> Result<Option<FoundBlock>, AuditError> {
-    let range = keys::audit_block(0)..=keys::audit_block(seq);
-    let Some(item) = tree.range(range).next_back() else {
-        return Ok(None);
-    };
-    let (key, value) = item?;
-    let first = seq_of(&key)?;
-    let records: Vec<Vec<u8>> = decode_block(&value)
-        .ok_or(AuditError::Broken {
-            seq: first,
-            problem: "its block is cut short".into(),
-        })?
-        .into_iter()
-        .map(<[u8]>::to_vec)
-        .collect();
-    let at = (seq - first) as usize;
-    if at >= records.len() {
-        return Ok(None);
-    }
-    Ok(Some((key, records, at)))
+/// The audit log as earlier versions (store format 2 and before) kept it in
+/// sled: single records under `a seq`, then blocks under `b first_seq`.
+/// Yields (key, first sequence number, block), singles as one-record
+/// blocks, in sequence order; read once, to move them into segments.
+pub(crate) fn legacy(
+    tree: &sled::Db,
+) -> impl Iterator<Item = Result<(sled::IVec, u64, Vec<u8>), AuditError>> + '_ {
+    let singles = tree.scan_prefix([keys::AUDIT]).map(|item| {
+        let (key, value) = item?;
+        Ok((key.clone(), seq_of(&key)?, encode_block(&[&value[..]])))
+    });
+    let blocks = tree.scan_prefix([keys::AUDIT_BLOCK]).map(|item| {
+        let (key, value) = item?;
+        Ok((key.clone(), seq_of(&key)?, value.to_vec()))
+    });
+    singles.chain(blocks)
 }
 
 fn seq_of(key: &[u8]) -> Result<u64, AuditError> {

@@ -1,8 +1,10 @@
 //! `joinery audit`: verify the hash chain and export records as JSON lines.
 //!
-//! Both read the data directory directly, so they run against a stopped
-//! broker or a copy of its data directory (sled allows one process at a
-//! time; a running broker makes them fail with "in use by another process").
+//! Both read the data directory directly (sled's database for the anchor
+//! and the log's recorded end, the segment files in `audit/` for the
+//! records), so they run against a stopped broker or a copy of its data
+//! directory (sled allows one process at a time; a running broker makes
+//! them fail with "in use by another process").
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -94,7 +96,7 @@ pub fn run(command: AuditCommand) -> Result<(), AuditCliError> {
     match command {
         AuditCommand::Verify { store } => {
             let db = store.open()?;
-            let v = super::verify(&db)?;
+            let v = super::verify(&db, &store.dir()?)?;
             match (v.first_seq, v.last_seq) {
                 (Some(first), Some(last)) => println!(
                     "audit log verified: {} records, {first} to {last}, {} bytes{}",
@@ -119,6 +121,7 @@ pub fn run(command: AuditCommand) -> Result<(), AuditCliError> {
                 None => 0,
             };
             let db = store.open()?;
+            let dir = store.dir()?;
             let (mut writer, path): (Box<dyn Write>, PathBuf) = match &out {
                 Some(path) => (
                     Box::new(std::io::BufWriter::new(
@@ -131,7 +134,7 @@ pub fn run(command: AuditCommand) -> Result<(), AuditCliError> {
                 ),
                 None => (Box::new(std::io::stdout().lock()), PathBuf::from("stdout")),
             };
-            let n = super::export(&db, since_ms, agency.as_deref(), |record| {
+            let n = super::export(&db, &dir, since_ms, agency.as_deref(), |record| {
                 serde_json::to_writer(&mut writer, &record).map_err(std::io::Error::other)?;
                 writer.write_all(b"\n")
             })?;

@@ -9,7 +9,8 @@
 //! # Records and the chain
 //! Record `n` is stored as its prost encoding ([`AuditRecord`]) followed by
 //! the 32-byte SHA-256 of that encoding, in a block of consecutive records
-//! ([`blocks`]). Each record holds the hash of the record before it
+//! ([`blocks`]), in append-only segment files outside sled ([`segments`]).
+//! Each record holds the hash of the record before it
 //! (`prev_hash`), so:
 //! - changing any byte of a record changes its hash (caught at that record);
 //! - re-hashing an edited record breaks the next record's `prev_hash`;
@@ -26,6 +27,7 @@
 
 pub mod blocks;
 pub mod cli;
+pub mod segments;
 
 use std::sync::Arc;
 
@@ -192,6 +194,14 @@ pub enum AuditError {
     Broken { seq: u64, problem: String },
     #[error("reading the audit log failed")]
     Storage(#[from] sled::Error),
+    #[error("reading the audit log failed")]
+    Store(#[from] crate::storage::StorageError),
+    #[error("reading the audit log's file {path} failed")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the audit anchor is unreadable")]
     Anchor,
 }
@@ -205,17 +215,21 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Loads the head from the tree (the last record, else the anchor, else genesis).
-    pub fn load(tree: &sled::Db, retention: std::time::Duration) -> Result<Chain, AuditError> {
+    /// Loads the head: the segments' recorded end (`tail`, exact right
+    /// after the store's open), else the anchor in `tree`, else genesis.
+    pub fn load(
+        tree: &sled::Db,
+        tail: Option<&segments::Tail>,
+        retention: std::time::Duration,
+    ) -> Result<Chain, AuditError> {
         let retention_ms = retention.as_millis() as u64;
-        if let Some(last) = blocks::last(tree)? {
-            let hash = last.split().map(|(_, h)| h).ok_or(AuditError::Broken {
-                seq: last.seq,
-                problem: "shorter than its hash".into(),
-            })?;
+        if let Some(tail) = tail {
             return Ok(Chain {
-                next_seq: last.seq + 1,
-                last_hash: hash,
+                next_seq: tail.next_seq,
+                last_hash: to_hash(&tail.last_hash).ok_or(AuditError::Broken {
+                    seq: tail.next_seq.saturating_sub(1),
+                    problem: "the store's record of the log's end is unreadable".into(),
+                })?,
                 retention_ms,
             });
         }
@@ -319,49 +333,6 @@ pub fn read_anchor(tree: &sled::Db) -> Result<Option<AuditAnchor>, AuditError> {
     }
 }
 
-/// Records older than the retention, to prune: keys to delete and the new
-/// anchor. Whole blocks only (a block goes once its last record is older
-/// than `cutoff_ms`), about `limit` records per call.
-pub fn prune_plan(
-    tree: &sled::Db,
-    cutoff_ms: u64,
-    limit: usize,
-) -> Result<Option<(Vec<sled::IVec>, AuditAnchor)>, AuditError> {
-    let mut doomed = Vec::new();
-    let mut last: Option<(u64, [u8; HASH_LEN])> = None;
-    let mut seen = 0;
-    for stored in blocks::Records::new(tree) {
-        let stored = stored?;
-        let Some((body, hash)) = stored.split() else {
-            break;
-        };
-        let Ok(record) = AuditRecord::decode(body) else {
-            break;
-        };
-        if record.time_ms >= cutoff_ms {
-            break;
-        }
-        seen += 1;
-        if stored.last_in_block {
-            doomed.push(stored.key.clone());
-            last = Some((stored.seq, hash));
-            if seen >= limit {
-                break;
-            }
-        }
-    }
-    Ok(last.map(|(seq, hash)| {
-        (
-            doomed,
-            AuditAnchor {
-                first_seq: seq + 1,
-                prev_hash: hash.to_vec(),
-                pruned_at_ms: crate::storage::now_ms(),
-            },
-        )
-    }))
-}
-
 /// What a successful verification saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
@@ -374,8 +345,11 @@ pub struct Verified {
     pub anchored_at: Option<u64>,
 }
 
-/// Checks the whole chain; the error names the first broken record.
-pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
+/// Checks the whole chain of the store whose sled database is `tree` and
+/// whose data directory is `data_dir` (opened, so recovered: see
+/// [`crate::storage::open_existing`]); the error names the first broken
+/// record. The chain must also end where the store recorded its end.
+pub fn verify(tree: &sled::Db, data_dir: &std::path::Path) -> Result<Verified, AuditError> {
     let anchor = read_anchor(tree)?;
     let (mut expect_seq, mut prev) = match &anchor {
         Some(a) => (
@@ -387,7 +361,7 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
     let mut records = 0;
     let mut bytes = 0;
     let mut first_seq = None;
-    for item in blocks::Records::new(tree) {
+    for item in segments::Records::new(data_dir, expect_seq)? {
         let item = item?;
         bytes += item.stored_len();
         let seq = item.seq;
@@ -406,7 +380,7 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
             ));
         }
         let record = AuditRecord::decode(body).map_err(|e| broken(format!("unreadable: {e}")))?;
-        if record.seq > seq && item.key.first() == Some(&keys::AUDIT_BLOCK) {
+        if record.seq > seq {
             // A record taken out of a block moves the ones after it up.
             return Err(missing(seq, record.seq));
         }
@@ -426,6 +400,23 @@ pub fn verify(tree: &sled::Db) -> Result<Verified, AuditError> {
         first_seq.get_or_insert(seq);
         expect_seq = seq + 1;
         records += 1;
+    }
+    if let Some(tail) = segments::read_tail(tree)? {
+        if tail.next_seq != expect_seq {
+            return Err(AuditError::Broken {
+                seq: expect_seq.min(tail.next_seq),
+                problem: format!(
+                    "missing: the log ends before record {expect_seq}, but the store recorded its end before record {}",
+                    tail.next_seq
+                ),
+            });
+        }
+        if tail.last_hash != prev {
+            return Err(AuditError::Broken {
+                seq: expect_seq.saturating_sub(1),
+                problem: "altered: it is not the last record the store recorded".into(),
+            });
+        }
     }
     Ok(Verified {
         records,
@@ -488,20 +479,25 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Records at or after `since_ms` (and of `agency`, when given), in order.
+/// Records at or after `since_ms` (and of `agency`, when given), in order,
+/// of the store whose sled database is `tree` and data directory `data_dir`.
 pub fn export(
     tree: &sled::Db,
+    data_dir: &std::path::Path,
     since_ms: u64,
     agency: Option<&str>,
     mut sink: impl FnMut(Exported) -> std::io::Result<()>,
 ) -> Result<u64, ExportError> {
+    let unreadable = |e: AuditError| match e {
+        AuditError::Broken { seq, .. } => ExportError::Unreadable(seq),
+        other => ExportError::Read(other),
+    };
+    let from = read_anchor(tree)
+        .map_err(unreadable)?
+        .map_or(0, |a| a.first_seq);
     let mut n = 0;
-    for item in blocks::Records::new(tree) {
-        let item = item.map_err(|e| match e {
-            AuditError::Storage(e) => ExportError::Storage(e),
-            AuditError::Broken { seq, .. } => ExportError::Unreadable(seq),
-            AuditError::Anchor => ExportError::Unreadable(0),
-        })?;
+    for item in segments::Records::new(data_dir, from).map_err(unreadable)? {
+        let item = item.map_err(unreadable)?;
         let seq = item.seq;
         let (body, hash) = item.split().ok_or(ExportError::Unreadable(seq))?;
         let r = AuditRecord::decode(body).map_err(|_| ExportError::Unreadable(seq))?;
@@ -538,8 +534,8 @@ pub fn export(
 /// Why an export stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("reading the audit log failed")]
-    Storage(#[from] sled::Error),
+    #[error(transparent)]
+    Read(AuditError),
     #[error("audit record {0} is unreadable; run `joinery audit verify`")]
     Unreadable(u64),
     #[error("writing the export failed")]
@@ -554,22 +550,60 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// Appends one record in a block of its own.
-    fn append(db: &sled::Db, chain: &mut Chain, time_ms: u64) {
-        let (seq, value) = chain.append(&AuditEvent::new(EventKind::Publish, "police"), time_ms);
-        db.insert(keys::audit_block(seq), blocks::encode_block(&[value]))
-            .unwrap();
+    /// A log in a temporary data directory: sled for the anchor and the
+    /// recorded end, segments for the records.
+    struct Log {
+        tmp: tempfile::TempDir,
+        db: sled::Db,
+        chain: Chain,
+        segments: segments::Appender,
     }
 
-    /// Appends `n` records as one block.
-    fn append_block(db: &sled::Db, chain: &mut Chain, time_ms: u64, n: usize) {
-        let mut w = blocks::BlockWriter::default();
-        for _ in 0..n {
-            let (seq, value) = chain.append(&AuditEvent::new(EventKind::Ack, "council"), time_ms);
-            w.push(seq, &value);
+    impl Log {
+        fn new(segment_bytes: u64) -> Log {
+            let tmp = tempfile::tempdir().unwrap();
+            let db = sled::Config::new()
+                .path(tmp.path().join("db"))
+                .open()
+                .unwrap();
+            let chain = Chain::load(&db, None, Duration::from_secs(86400)).unwrap();
+            let segments = segments::Appender::open(tmp.path(), None, segment_bytes).unwrap();
+            Log {
+                tmp,
+                db,
+                chain,
+                segments,
+            }
         }
-        for (key, value) in w.finish() {
-            db.insert(key, value).unwrap();
+
+        fn dir(&self) -> &std::path::Path {
+            self.tmp.path()
+        }
+
+        /// Appends `n` records at `time_ms` as one block.
+        fn append_block(&mut self, time_ms: u64, n: usize) {
+            let mut w = blocks::BlockWriter::default();
+            for _ in 0..n {
+                let event = AuditEvent::new(EventKind::Ack, "council");
+                self.chain.append_to(event, time_ms, &mut w);
+            }
+            for (key, value) in w.finish() {
+                let first = keys::be_u64(&key[1..]).unwrap();
+                self.segments.push(first, &value).unwrap();
+            }
+        }
+
+        /// What a checkpoint does: sync, then record the end.
+        fn checkpoint(&mut self) {
+            if let Some(tail) = self.segments.sync().unwrap() {
+                self.db
+                    .insert(keys::AUDIT_TAIL, tail.encode_to_vec())
+                    .unwrap();
+            }
+        }
+
+        fn verify(&self) -> Result<Verified, AuditError> {
+            verify(&self.db, self.dir())
         }
     }
 
@@ -650,100 +684,95 @@ mod tests {
 
     #[test]
     fn pruning_keeps_the_rest_of_the_chain_verifiable() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let retention = Duration::from_secs(86400);
-        let mut chain = Chain::load(&db, retention).unwrap();
+        // Every block in a segment of its own.
+        let mut log = Log::new(1);
         for i in 0..10 {
-            append(&db, &mut chain, 1_000 + i);
+            log.append_block(1_000 + i, 1);
         }
         for i in 0..5 {
-            append(&db, &mut chain, 10_000_000 + i);
+            log.append_block(10_000_000 + i, 1);
         }
-        assert_eq!(verify(&db).unwrap().records, 15);
+        log.checkpoint();
+        assert_eq!(log.verify().unwrap().records, 15);
 
-        let (doomed, anchor) = prune_plan(&db, 5_000_000, 100).unwrap().unwrap();
-        assert_eq!((doomed.len(), anchor.first_seq), (10, 11));
-        for key in doomed {
-            db.remove(key).unwrap();
-        }
-        db.insert(keys::AUDIT_ANCHOR, anchor.encode_to_vec())
+        // Segment 10 goes only once the first record after it is old.
+        let anchor = segments::prune_plan(log.dir(), 5_000_000, 100)
+            .unwrap()
             .unwrap();
-        let v = verify(&db).unwrap();
+        assert_eq!(anchor.first_seq, 10);
+        log.db
+            .insert(keys::AUDIT_ANCHOR, anchor.encode_to_vec())
+            .unwrap();
+        // Verifies before the segments are removed (an interrupted prune)...
+        assert_eq!(log.verify().unwrap().first_seq, Some(10));
+        assert_eq!(log.segments.remove_before(anchor.first_seq).unwrap(), 9);
+        // ...and after.
+        let v = log.verify().unwrap();
         assert_eq!(
             (v.records, v.first_seq, v.anchored_at),
-            (5, Some(11), Some(11))
+            (6, Some(10), Some(10))
         );
 
         // The chain goes on from its head after a reload.
-        let mut chain = Chain::load(&db, retention).unwrap();
-        append(&db, &mut chain, 20_000_000);
-        assert_eq!(verify(&db).unwrap().last_seq, Some(16));
+        let tail = segments::read_tail(&log.db).unwrap();
+        log.chain = Chain::load(&log.db, tail.as_ref(), Duration::from_secs(1)).unwrap();
+        log.append_block(20_000_000, 1);
+        log.checkpoint();
+        assert_eq!(log.verify().unwrap().last_seq, Some(16));
 
         // Removing the first kept record is still caught.
-        db.remove(keys::audit_block(11)).unwrap();
-        match verify(&db) {
-            Err(AuditError::Broken { seq, .. }) => assert_eq!(seq, 11),
-            other => panic!("expected record 11 broken, got {other:?}"),
+        let first = segments::dir_of(log.dir()).join("00000000000000000010.seg");
+        std::fs::remove_file(first).unwrap();
+        match log.verify() {
+            Err(AuditError::Broken { seq, .. }) => assert_eq!(seq, 10),
+            other => panic!("expected record 10 broken, got {other:?}"),
         }
     }
 
     #[test]
     fn an_empty_log_verifies_and_starts_at_one() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let v = verify(&db).unwrap();
+        let log = Log::new(1 << 20);
+        let v = log.verify().unwrap();
         assert_eq!((v.records, v.first_seq), (0, None));
-        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
+        let mut chain = Chain::load(&log.db, None, Duration::from_secs(86400)).unwrap();
         let (seq, _) = chain.append(&AuditEvent::new(EventKind::Denied, "x"), 1);
         assert_eq!(seq, 1);
     }
 
     #[test]
-    fn single_records_of_earlier_versions_chain_on_into_blocks() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let retention = Duration::from_secs(86400);
-        let mut chain = Chain::load(&db, retention).unwrap();
-        for t in 0..3 {
-            let (seq, value) =
-                chain.append(&AuditEvent::new(EventKind::Publish, "police"), 1_000 + t);
-            db.insert(keys::audit(seq), value).unwrap();
+    fn records_missing_from_the_end_are_caught_by_the_recorded_end() {
+        let mut log = Log::new(1 << 20);
+        log.append_block(1_000, 3);
+        log.append_block(1_000, 2);
+        log.checkpoint();
+        assert_eq!(log.verify().unwrap().last_seq, Some(5));
+        let (path, first, _, _) = segments::block_of(log.dir(), 5).unwrap().unwrap();
+        segments::replace_block(&path, first, &[]).unwrap();
+        match log.verify() {
+            Err(AuditError::Broken { seq, problem }) => {
+                assert_eq!(seq, 4);
+                assert!(problem.contains("missing"), "{problem}");
+            }
+            other => panic!("expected the last records missing, got {other:?}"),
         }
-        // A restart picks up the head from the last single record.
-        let mut chain = Chain::load(&db, retention).unwrap();
-        append_block(&db, &mut chain, 2_000, 5);
-        let v = verify(&db).unwrap();
-        assert_eq!((v.records, v.first_seq, v.last_seq), (8, Some(1), Some(8)));
-        let mut exported = Vec::new();
-        export(&db, 0, None, |r| {
-            exported.push(r.seq);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(exported, (1..=8).collect::<Vec<_>>());
-
-        // Pruning takes the singles and whole blocks only.
-        let (doomed, anchor) = prune_plan(&db, 1_500, 100).unwrap().unwrap();
-        assert_eq!((doomed.len(), anchor.first_seq), (3, 4));
-        assert!(prune_plan(&db, 1_999, 100).unwrap().unwrap().0.len() == 3);
-        let (doomed, anchor) = prune_plan(&db, 3_000, 100).unwrap().unwrap();
-        assert_eq!((doomed.len(), anchor.first_seq), (4, 9));
     }
 
     /// A log of blocks of `sizes` records with record `seq` taken out of
     /// its block, by hand.
-    fn log_without(sizes: &[usize], seq: u64) -> (sled::Db, sled::IVec, usize) {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let mut chain = Chain::load(&db, Duration::from_secs(86400)).unwrap();
+    fn log_without(sizes: &[usize], seq: u64) -> (Log, u64, usize) {
+        let mut log = Log::new(1 << 20);
         for &n in sizes {
-            append_block(&db, &mut chain, 1_000, n);
+            log.append_block(1_000, n);
         }
-        let (key, mut records, at) = blocks::block_of(&db, seq).unwrap().unwrap();
+        log.checkpoint();
+        let (path, first, mut records, at) = segments::block_of(log.dir(), seq).unwrap().unwrap();
         records.remove(at);
-        db.insert(&key, blocks::encode_block(&records)).unwrap();
-        (db, key, at)
+        segments::replace_block(&path, first, &records).unwrap();
+        (log, first, at)
     }
 
-    fn assert_missing(db: &sled::Db, expected: u64) {
-        match verify(db) {
+    fn assert_missing(log: &Log, expected: u64) {
+        match log.verify() {
             Err(AuditError::Broken { seq, problem }) => {
                 assert_eq!(seq, expected);
                 assert!(problem.contains("missing"), "{problem}");
@@ -754,11 +783,11 @@ mod tests {
 
     #[test]
     fn a_record_taken_out_of_a_block_is_named_missing() {
-        let (db, key, at) = log_without(&[6, 2], 4);
-        assert_eq!((key.as_ref(), at), (&keys::audit_block(1)[..], 3));
-        assert_missing(&db, 4);
+        let (log, first, at) = log_without(&[6, 2], 4);
+        assert_eq!((first, at), (1, 3));
+        assert_missing(&log, 4);
         // The last record of the first block: the next block shows the gap.
-        let (db, _, _) = log_without(&[3, 3], 3);
-        assert_missing(&db, 3);
+        let (log, _, _) = log_without(&[3, 3], 3);
+        assert_missing(&log, 3);
     }
 }

@@ -235,8 +235,11 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(word)
 }
 
-/// Decodes one record's ops into a sled batch.
-fn batch_of(lsn: u64, mut ops: &[u8]) -> Result<sled::Batch, StorageError> {
+/// One op of a record: key, and value (None: removed).
+type RecordOp<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// Decodes one record's ops.
+fn ops_of(lsn: u64, mut ops: &[u8]) -> Result<Vec<RecordOp<'_>>, StorageError> {
     let corrupt = || StorageError::Corrupt {
         what: format!("journal record {lsn}"),
     };
@@ -246,18 +249,40 @@ fn batch_of(lsn: u64, mut ops: &[u8]) -> Result<sled::Batch, StorageError> {
         *ops = &ops[4 + len..];
         Some(bytes)
     }
-    let mut batch = sled::Batch::default();
+    let mut out = Vec::new();
     while let Some((&tag, rest)) = ops.split_first() {
         ops = rest;
         let key = take(&mut ops).ok_or_else(corrupt)?;
         match tag {
-            INSERT => batch.insert(key, take(&mut ops).ok_or_else(corrupt)?),
-            REMOVE => batch.remove(key),
+            INSERT => out.push((key, Some(take(&mut ops).ok_or_else(corrupt)?))),
+            REMOVE => out.push((key, None)),
             _ => return Err(corrupt()),
         }
     }
+    Ok(out)
+}
+
+/// Whether `key` is an audit block's, which goes to the segment files
+/// rather than sled (store format 3 on).
+fn is_audit_block(key: &[u8]) -> bool {
+    key.first() == Some(&keys::AUDIT_BLOCK)
+}
+
+/// One record's ops as a sled batch (without audit blocks when they go to
+/// segments), then its lsn.
+fn batch_of(ops: &[RecordOp<'_>], lsn: u64, blocks_in_sled: bool) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for &(key, value) in ops {
+        if !blocks_in_sled && is_audit_block(key) {
+            continue;
+        }
+        match value {
+            Some(value) => batch.insert(key, value),
+            None => batch.remove(key),
+        }
+    }
     batch.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes());
-    Ok(batch)
+    batch
 }
 
 /// The lsn of the last group applied to `db` (0: none yet).
@@ -273,18 +298,32 @@ pub(super) fn applied_lsn(db: &sled::Db) -> Result<u64, StorageError> {
 /// Replays into `db` the journal records sled lost, then makes them durable
 /// in sled. Returns how many were replayed. Call right after opening sled,
 /// before anything reads it.
+///
+/// The audit log's segments are brought to the journal's end too
+/// ([`crate::audit::segments::recover`]): every audit block of the pass
+/// past their recorded end is appended again, whether or not sled had its
+/// group, and the new end recorded. A store of format 2 or before still
+/// keeps its blocks in sled, until they are moved ([`super::Store::open`]).
 pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> {
     let path = dir.join(FILE);
     let data = match std::fs::read(&path) {
         Ok(data) => data,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(source) => return Err(StorageError::Io { path, source }),
     };
+    // A store without a format yet is new (or one sled lost, which opening
+    // then refuses): its segments, if any, are left alone.
+    let blocks_in_sled = super::format_of(db)?.is_none_or(|v| v < super::FORMAT_SEGMENTS);
     let applied = applied_lsn(db)?;
     let mut expected = applied.saturating_add(1);
     let mut replayed = 0;
     let found = records(&data);
+    let mut decoded = Vec::with_capacity(found.len());
     for &(lsn, ops) in &found {
+        decoded.push((lsn, ops_of(lsn, ops)?));
+    }
+    for (lsn, ops) in &decoded {
+        let lsn = *lsn;
         if lsn <= applied {
             continue;
         }
@@ -296,14 +335,33 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> 
                 ),
             });
         }
-        db.apply_batch(batch_of(lsn, ops)?)?;
+        db.apply_batch(batch_of(ops, lsn, blocks_in_sled))?;
         expected = lsn.saturating_add(1);
         replayed += 1;
+    }
+    let mut tail_moved = false;
+    if !blocks_in_sled {
+        let blocks = decoded.iter().flat_map(|(_, ops)| {
+            ops.iter().filter_map(|&(key, value)| {
+                let first = keys::be_u64(key.get(1..)?)?;
+                Some((first, value?)).filter(|_| is_audit_block(key))
+            })
+        });
+        let tail = crate::audit::segments::read_tail(db)?;
+        if let Some(tail) = crate::audit::segments::recover(
+            dir,
+            tail.as_ref(),
+            blocks,
+            crate::audit::segments::SEGMENT_BYTES,
+        )? {
+            db.insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail))?;
+            tail_moved = true;
+        }
     }
     // The writer will write the journal over from its start: sled must hold
     // these records durably first, replayed or not (after a clean stop or a
     // kill, sled's last writes may still be only in the page cache).
-    if !found.is_empty() {
+    if !found.is_empty() || tail_moved {
         db.flush()?;
         sync_store_files(dir)?;
     }

@@ -26,12 +26,16 @@ pub const NEXT_SEQ: u8 = b's';
 pub const COUNTERS: u8 = b'k';
 /// Name registry: `n t <topic name>` → topic(4); `n s <subscription name>` → sub(4) topic(4).
 pub const NAME: u8 = b'n';
-/// Audit record of earlier versions: `a seq(8)` → record and its hash.
+/// Audit record of store format 1: `a seq(8)` → record and its hash.
 pub const AUDIT: u8 = b'a';
-/// Audit block: `b first_seq(8)` → consecutive records (see [`crate::audit::blocks`]).
+/// Audit block: `b first_seq(8)` → consecutive records (see
+/// [`crate::audit::blocks`]). Only in journal records now (the flusher
+/// appends them to segment files); store format 2 kept them in sled.
 pub const AUDIT_BLOCK: u8 = b'b';
 /// Audit anchor left by pruning: `A` → [`crate::audit::AuditAnchor`].
 pub const AUDIT_ANCHOR: &[u8] = b"A";
+/// Durable end of the audit segments: `T` → [`crate::audit::segments::Tail`].
+pub const AUDIT_TAIL: &[u8] = b"T";
 /// Registered schema package: `R <package>` → [`crate::schema::StoredPackage`].
 pub const SCHEMA: u8 = b'R';
 /// Last id handed out to a topic or subscription: `c` → id(4).

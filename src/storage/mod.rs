@@ -71,6 +71,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{info, warn};
 
 pub use operator::Redriven;
 pub use records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
@@ -124,6 +125,10 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// Audit log retention; None turns the audit log off.
     pub audit_retention: Option<Duration>,
+    /// Size at which an audit segment file is closed and the next begun
+    /// (pruning removes whole segments); normally
+    /// [`crate::audit::segments::SEGMENT_BYTES`].
+    pub audit_segment_bytes: u64,
     /// (agency, report topic, report subscription): where delivery reports
     /// about the agency's messages go.
     pub reports: Vec<(String, String, String)>,
@@ -415,10 +420,14 @@ struct Inner {
 }
 
 /// 2: pending entries may carry their message inline ([`Pending`]). A
-/// version 1 store (only references to topic copies) is read as it is and
-/// marked version 2 at open, after which older builds refuse it.
-const FORMAT_VERSION: u32 = 2;
-const FORMAT_VERSIONS_READ: [u32; 2] = [1, 2];
+/// version 1 store (only references to topic copies) is read as it is.
+/// 3: the audit log is in segment files ([`crate::audit::segments`]), not
+/// in sled. Opening a version 1 or 2 store moves its audit records there
+/// and marks it version 3, after which older builds refuse it.
+const FORMAT_VERSION: u32 = 3;
+const FORMAT_VERSIONS_READ: [u32; 3] = [1, 2, 3];
+/// The first format whose audit log is in segment files.
+const FORMAT_SEGMENTS: u32 = 3;
 /// File beside sled's that marks a durably initialised store.
 const FORMAT_MARKER: &str = "JOINERY_STORE";
 const WRITER_QUEUE: usize = 16 * 1024;
@@ -522,11 +531,12 @@ impl Store {
         let stats = Arc::new(FlushStats::default());
         let audit = match options.audit_retention {
             Some(retention) => {
-                Some(
-                    Chain::load(&db, retention).map_err(|e| StorageError::Corrupt {
+                let tail = crate::audit::segments::read_tail(&db)?;
+                Some(Chain::load(&db, tail.as_ref(), retention).map_err(|e| {
+                    StorageError::Corrupt {
                         what: format!("audit log head: {e}"),
-                    })?,
-                )
+                    }
+                })?)
             }
             None => None,
         };
@@ -882,9 +892,7 @@ fn check_format(db: &sled::Db, dir: &Path, initialised: bool) -> Result<(), Stor
         }
         Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => Ok(()),
         Some(v) if keys::be_u32(&v).is_some_and(|v| FORMAT_VERSIONS_READ.contains(&v)) => {
-            db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
-            db.flush()?;
-            Ok(())
+            move_audit_to_segments(db, dir)
         }
         Some(v) => Err(StorageError::Corrupt {
             what: format!(
@@ -893,6 +901,71 @@ fn check_format(db: &sled::Db, dir: &Path, initialised: bool) -> Result<(), Stor
             ),
         }),
     }
+}
+
+/// The store's format version, if it has one yet.
+fn format_of(db: &sled::Db) -> Result<Option<u32>, StorageError> {
+    match db.get(keys::FORMAT)? {
+        None => Ok(None),
+        Some(v) => keys::be_u32(&v)
+            .map(Some)
+            .ok_or_else(|| StorageError::Corrupt {
+                what: "the store's format version".into(),
+            }),
+    }
+}
+
+/// Moves the audit log of a format 1 or 2 store out of sled into segment
+/// files, and marks the store version 3, in one batch with the removal of
+/// the moved keys: a crash before it leaves the store as it was (segments
+/// the attempt wrote are removed and written again on the next open).
+fn move_audit_to_segments(db: &sled::Db, dir: &Path) -> Result<(), StorageError> {
+    use crate::audit::{blocks, segments};
+    let seg_dir = segments::dir_of(dir);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StorageError::Io {
+            path: path.clone(),
+            source,
+        }
+    };
+    for (_, path) in segments::list(&seg_dir).map_err(io(&seg_dir))? {
+        std::fs::remove_file(&path).map_err(io(&path))?;
+    }
+    let mut appender = segments::Appender::open(dir, None, segments::SEGMENT_BYTES)?;
+    let mut batch = sled::Batch::default();
+    let mut blocks_moved = 0u64;
+    for item in blocks::legacy(db) {
+        let (key, first, block) = item.map_err(|e| StorageError::Corrupt {
+            what: format!("audit log, while moving it to segment files: {e}"),
+        })?;
+        if appender.next_seq().is_some_and(|next| next != first) {
+            // A gap (a removed record): moved as it is, for `joinery audit
+            // verify` to name, rather than refusing to open the store.
+            warn!(
+                record = first,
+                "the audit log has a gap; moving it as it is"
+            );
+            appender.forget_position();
+        }
+        appender.push(first, &block)?;
+        batch.remove(key);
+        blocks_moved += 1;
+    }
+    match appender.sync()? {
+        Some(tail) => batch.insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail)),
+        None => batch.remove(keys::AUDIT_TAIL),
+    }
+    batch.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes());
+    db.apply_batch(batch)?;
+    db.flush()?;
+    if blocks_moved > 0 {
+        info!(
+            blocks = blocks_moved,
+            "moved the audit log out of sled into segment files (store format {FORMAT_VERSION})"
+        );
+    }
+    Ok(())
 }
 
 fn write_marker(path: &Path) -> Result<(), StorageError> {
@@ -968,8 +1041,14 @@ pub fn open_existing(dir: &Path) -> Result<sled::Db, StorageError> {
         });
     }
     let db = open_sled(dir, 16 << 20)?;
-    match db.get(keys::FORMAT)? {
-        Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => Ok(db),
+    match format_of(&db)? {
+        Some(FORMAT_VERSION) => Ok(db),
+        Some(v) if FORMAT_VERSIONS_READ.contains(&v) => Err(StorageError::Corrupt {
+            what: format!(
+                "{} holds a store of format {v}; start the broker on it once to upgrade it to format {FORMAT_VERSION}",
+                dir.display()
+            ),
+        }),
         _ => Err(StorageError::Corrupt {
             what: format!("{} could not be read as a joinery store", dir.display()),
         }),
@@ -1000,6 +1079,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],
@@ -1456,6 +1536,14 @@ mod tests {
         store.close().await.unwrap();
         drop(store);
         std::fs::copy(live.join(journal::FILE), lost.join(journal::FILE)).unwrap();
+        // And what a crash can leave of audit segments written after the
+        // last checkpoint: a torn frame, and a later segment.
+        let segs = crate::audit::segments::dir_of(&lost);
+        let (_, last) = crate::audit::segments::list(&segs).unwrap().pop().unwrap();
+        let mut data = std::fs::read(&last).unwrap();
+        data.extend_from_slice(&[0x5A; 40]);
+        std::fs::write(&last, data).unwrap();
+        std::fs::write(segs.join("00000000000000000100.seg"), [1u8; 64]).unwrap();
 
         let store = open(&lost);
         let a = store.subscription("a").unwrap();
@@ -1468,6 +1556,120 @@ mod tests {
         );
         assert_eq!(publish(&store, "t", &["a"], b"next").await, 7);
         store.close().await.unwrap();
+        drop(store);
+        // The audit chain is whole: three publishes, then the peek, three
+        // publishes and the ack from the journal, then the last publish.
+        let db = open_existing(&lost).unwrap();
+        let v = crate::audit::verify(&db, &lost).unwrap();
+        assert_eq!((v.first_seq, v.last_seq), (Some(1), Some(9)));
+    }
+
+    #[tokio::test]
+    async fn a_version_2_store_has_its_audit_log_moved_into_segment_files() {
+        use crate::audit::{blocks, segments, EventKind};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, "t", &["a"], b"stored by version 2").await;
+        store.close().await.unwrap();
+        drop(store);
+        // As version 2 kept it: no segments, records in sled (four single
+        // records and two blocks).
+        let db = open_sled(tmp.path(), 4 << 20).unwrap();
+        std::fs::remove_dir_all(segments::dir_of(tmp.path())).unwrap();
+        db.remove(keys::AUDIT_TAIL).unwrap();
+        let mut chain = Chain::load(&db, None, Duration::from_secs(86400)).unwrap();
+        for _ in 0..4 {
+            let (seq, value) = chain.append(&AuditEvent::new(EventKind::Publish, "police"), 1);
+            db.insert(keys::audit(seq), value).unwrap();
+        }
+        for n in [3, 2] {
+            let mut w = blocks::BlockWriter::default();
+            for _ in 0..n {
+                chain.append_to(AuditEvent::new(EventKind::Ack, "council"), 2, &mut w);
+            }
+            for (key, value) in w.finish() {
+                db.insert(key, value).unwrap();
+            }
+        }
+        db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        match open_existing(tmp.path()) {
+            Err(e) => assert!(e.to_string().contains("start the broker"), "{e}"),
+            Ok(_) => panic!("a version 2 store opened for reading"),
+        }
+
+        let store = open(tmp.path());
+        let version = store.db().get(keys::FORMAT).unwrap().unwrap();
+        assert_eq!(keys::be_u32(&version), Some(FORMAT_VERSION));
+        assert_eq!(store.db().scan_prefix([keys::AUDIT]).count(), 0);
+        assert_eq!(store.db().scan_prefix([keys::AUDIT_BLOCK]).count(), 0);
+        assert_eq!(
+            &store.pending_message("a", seq).unwrap().envelope[..],
+            b"stored by version 2"
+        );
+        // The chain goes on after the moved records.
+        publish(&store, "t", &["a"], b"stored by version 3").await;
+        store.close().await.unwrap();
+        drop(store);
+        let db = open_existing(tmp.path()).unwrap();
+        let v = crate::audit::verify(&db, tmp.path()).unwrap();
+        assert_eq!((v.first_seq, v.last_seq), (Some(1), Some(10)));
+    }
+
+    #[tokio::test]
+    async fn old_audit_segments_are_pruned_whole_and_the_chain_still_verifies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = |retention| StoreOptions {
+            cache_capacity: 4 << 20,
+            dedup_window: Duration::from_secs(60),
+            max_batch: 16,
+            audit_retention: Some(retention),
+            // About one publish record per segment.
+            audit_segment_bytes: 64,
+            reports: Vec::new(),
+        };
+        let topics = ["t".to_string()];
+        let subs = [("a".to_string(), "t".to_string())];
+        let store = Store::open(
+            tmp.path(),
+            options(Duration::from_secs(86400)),
+            &topics,
+            &subs,
+        )
+        .unwrap();
+        for _ in 0..20 {
+            publish(&store, "t", &["a"], b"old").await;
+        }
+        store.close().await.unwrap();
+        drop(store);
+        let segs = crate::audit::segments::dir_of(tmp.path());
+        let before = crate::audit::segments::list(&segs).unwrap().len();
+        assert!(before >= 10, "{before} segments");
+
+        // Now every record is older than the retention.
+        let store = Store::open(
+            tmp.path(),
+            options(Duration::from_millis(1)),
+            &topics,
+            &subs,
+        )
+        .unwrap();
+        // A sweep prunes at most 16 segments, and looks again 50 ms later.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            store.tick();
+            store.sync().await.unwrap();
+        }
+        publish(&store, "t", &["a"], b"new").await;
+        store.close().await.unwrap();
+        drop(store);
+        let after = crate::audit::segments::list(&segs).unwrap().len();
+        assert!(after < before && after <= 3, "{before} -> {after} segments");
+        let db = open_existing(tmp.path()).unwrap();
+        let v = crate::audit::verify(&db, tmp.path()).unwrap();
+        assert_eq!(v.last_seq, Some(21));
+        assert!(v.anchored_at.is_some_and(|a| a > 10), "{v:?}");
     }
 
     #[tokio::test]
@@ -1486,6 +1688,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string()],
@@ -1507,6 +1710,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],

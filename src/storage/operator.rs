@@ -171,6 +171,7 @@ mod tests {
                 dedup_window: Duration::from_secs(60),
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
+                audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string()],

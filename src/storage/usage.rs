@@ -23,12 +23,14 @@ pub struct KindUsage {
 /// The whole store's usage.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
-    /// One row per kind that has keys, in key order.
+    /// One row per kind that has keys, in key order, then the audit
+    /// records in segment files (where `keys` counts records).
     pub kinds: Vec<KindUsage>,
     /// Sum of `bytes` over the kinds that hold queue state (messages,
     /// pending entries, dead letters, indexes, counters, names).
     pub queue_bytes: u64,
-    /// Sum of `bytes` over the audit log's kinds.
+    /// Sum of `bytes` over the audit log's kinds (its segment files, and
+    /// the anchor and recorded end in sled).
     pub audit_bytes: u64,
     /// Every key and value.
     pub live_bytes: u64,
@@ -54,6 +56,7 @@ fn kind_of(first: u8) -> (&'static str, bool) {
         keys::AUDIT => ("audit records (one per key)", true),
         keys::AUDIT_BLOCK => ("audit blocks", true),
         b'A' => ("audit anchor", true),
+        b'T' => ("audit log's recorded end", true),
         keys::SCHEMA => ("schema packages", false),
         _ => ("store metadata", false),
     }
@@ -61,6 +64,8 @@ fn kind_of(first: u8) -> (&'static str, bool) {
 
 const PENDING_INLINE: &str = "pending entries holding their message";
 const PENDING_PLAIN: &str = "pending entries";
+/// The audit segments' row: `keys` counts records, `bytes` their frames.
+const AUDIT_SEGMENTS: &str = "audit records in segment files";
 
 /// How many keys go by between calls of `usage`'s progress callback.
 pub const PROGRESS_EVERY: u64 = 100_000;
@@ -107,6 +112,20 @@ pub fn usage(
         }
         usage.live_bytes += bytes;
     }
+    // The audit log's segment files: one row, counting records.
+    let (records, bytes) =
+        crate::audit::segments::usage(dir).map_err(|e| StorageError::Corrupt {
+            what: e.to_string(),
+        })?;
+    if records > 0 {
+        kinds.push(KindUsage {
+            kind: AUDIT_SEGMENTS,
+            keys: records,
+            bytes,
+        });
+        usage.audit_bytes += bytes;
+        usage.live_bytes += bytes;
+    }
     usage.kinds = kinds;
     usage.sled_bytes_on_disk = db.size_on_disk()?;
     usage.dir_bytes_on_disk = allocated(dir).map_err(|source| StorageError::Io {
@@ -149,6 +168,12 @@ mod tests {
         db.insert(keys::audit_block(1), &[2u8; 300][..]).unwrap();
         db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
+        // Two records of 100 bytes in one frame of a segment file.
+        let mut segments =
+            crate::audit::segments::Appender::open(tmp.path(), None, 1 << 20).unwrap();
+        let block = crate::audit::blocks::encode_block(&[[5u8; 100], [6u8; 100]]);
+        segments.push(1, &block).unwrap();
+        segments.sync().unwrap();
 
         let mut calls = 0;
         let u = usage(&db, tmp.path(), |_| calls += 1).unwrap();
@@ -169,7 +194,12 @@ mod tests {
             Some(13 + 50)
         );
         assert_eq!(row("audit blocks").map(|r| r.bytes), Some(9 + 300));
-        assert_eq!(u.audit_bytes, 309);
+        // Each record with its length; the frame's 16-byte header once.
+        assert_eq!(
+            row(AUDIT_SEGMENTS).map(|r| (r.keys, r.bytes)),
+            Some((2, 2 * 104 + 16))
+        );
+        assert_eq!(u.audit_bytes, 309 + 224);
         assert_eq!(u.queue_bytes, inline_bytes + 25 + 63 + 1 + 4);
         assert_eq!(u.live_bytes, u.queue_bytes + u.audit_bytes);
         assert!(u.sled_bytes_on_disk > 0);

@@ -14,8 +14,9 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
@@ -36,9 +37,19 @@ use flusher::{Applied, Failure, Flusher, Progress, Shared};
 /// Most expired messages or dedup entries handled per sweep (the rest wait
 /// for the next tick).
 const SWEEP_LIMIT: usize = 10_000;
+/// Most audit segments pruned per sweep.
+const PRUNE_SEGMENTS: usize = 16;
+/// How often a sweep looks for audit segments to prune: a sixteenth of the
+/// retention, within these bounds.
+const PRUNE_MIN: Duration = Duration::from_millis(50);
+const PRUNE_MAX: Duration = Duration::from_secs(60);
 
 pub(super) struct Writer {
     db: sled::Db,
+    /// The data directory.
+    dir: PathBuf,
+    /// When a sweep last looked for audit segments to prune.
+    audit_pruned_at: Option<Instant>,
     rx: mpsc::Receiver<Op>,
     options: StoreOptions,
     topics: HashMap<u32, Arc<TopicState>>,
@@ -98,6 +109,9 @@ struct Group {
     fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
     /// Audit records of the group, in blocks.
     audit: audit::blocks::BlockWriter,
+    /// Audit segments before this record go once the group is durable
+    /// (its anchor is in `changes`).
+    prune_audit_before: Option<u64>,
     publishes: u64,
 }
 
@@ -145,12 +159,18 @@ impl Writer {
         let lsn = journal::applied_lsn(&db)?;
         let failure = Failure::default();
         let progress = Arc::new(Progress::new(lsn));
+        let audit_tail = audit::segments::read_tail(&db)?;
         let flusher = Flusher {
             db: db.clone(),
             progress: progress.clone(),
             dir: dir.to_path_buf(),
             db_file,
             journal: journal::Journal::open(dir)?,
+            audit: audit::segments::Appender::open(
+                dir,
+                audit_tail.as_ref(),
+                options.audit_segment_bytes,
+            )?,
             stats,
             failed: failure.clone(),
             synced_blobs: HashSet::new(),
@@ -170,6 +190,8 @@ impl Writer {
             })?;
         Ok(Self {
             db,
+            dir: dir.to_path_buf(),
+            audit_pruned_at: None,
             rx,
             options,
             topics: topics.into_iter().map(|t| (t.id, t)).collect(),
@@ -307,6 +329,9 @@ impl Writer {
                     Ok(())
                 }
                 Op::Stop => {
+                    // A clean stop leaves sled and the audit segments
+                    // durable, with nothing for the next open to replay.
+                    group.checkpoint = true;
                     stop = true;
                     Ok(())
                 }
@@ -661,21 +686,20 @@ impl Writer {
     /// Finds expired messages and stale dedup entries; prunes old audit records.
     fn sweep(&mut self, group: &mut Group, now: u64) -> Result<(), StorageError> {
         if let Some(chain) = &self.audit {
-            let cutoff = now.saturating_sub(chain.retention_ms());
-            match audit::prune_plan(&self.db, cutoff, SWEEP_LIMIT) {
-                Ok(Some((doomed, anchor))) => {
-                    for key in &doomed {
-                        group.del(key);
+            let every =
+                Duration::from_millis(chain.retention_ms() / 16).clamp(PRUNE_MIN, PRUNE_MAX);
+            if self.audit_pruned_at.is_none_or(|at| at.elapsed() >= every) {
+                self.audit_pruned_at = Some(Instant::now());
+                let cutoff = now.saturating_sub(chain.retention_ms());
+                match audit::segments::prune_plan(&self.dir, cutoff, PRUNE_SEGMENTS) {
+                    Ok(Some(anchor)) => {
+                        debug!(first_kept = anchor.first_seq, "audit records pruned");
+                        group.prune_audit_before = Some(anchor.first_seq);
+                        group.put(keys::AUDIT_ANCHOR, &prost::Message::encode_to_vec(&anchor));
                     }
-                    group.put(keys::AUDIT_ANCHOR, &prost::Message::encode_to_vec(&anchor));
-                    debug!(
-                        pruned = doomed.len(),
-                        first_kept = anchor.first_seq,
-                        "audit records pruned"
-                    );
+                    Ok(None) => {}
+                    Err(e) => warn!(cause = %e, "audit pruning failed"),
                 }
-                Ok(None) => {}
-                Err(e) => warn!(cause = %e, "audit pruning failed"),
             }
         }
         // Expiry: tell each subscription still holding an expired message; its
@@ -841,6 +865,7 @@ impl Writer {
             next_seqs,
             publishes,
             audit,
+            prune_audit_before,
             fresh,
             ..
         } = group;
@@ -873,7 +898,7 @@ impl Writer {
             self.unapplied.push_back((self.lsn, changes.clone()));
             Some((self.lsn, changes))
         };
-        let needs_flush = record.is_some() || !syncs.is_empty();
+        let needs_flush = record.is_some() || !syncs.is_empty() || checkpoint;
         let applied = Applied {
             checkpoint,
             record,
@@ -888,6 +913,7 @@ impl Writer {
             counts,
             publishes,
             needs_flush,
+            prune_audit_before,
         };
         if let Some(reason) = &self.failed {
             applied.refuse(reason);

@@ -528,6 +528,7 @@ pub fn open_store(data_dir: &Path, config: &Config) -> joinery::storage::Store {
             dedup_window: Duration::from_secs(3600),
             max_batch: 64,
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
+            audit_segment_bytes: joinery::audit::segments::SEGMENT_BYTES,
             reports: Vec::new(),
         },
         &topics,

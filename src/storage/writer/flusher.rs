@@ -27,7 +27,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::super::journal::Changes;
 use super::super::{
@@ -52,6 +52,8 @@ pub(super) struct Applied {
     pub publishes: u64,
     /// The group wrote something (or asked for a sync): it needs a flush.
     pub needs_flush: bool,
+    /// Audit segments before this record go once the group is durable.
+    pub prune_audit_before: Option<u64>,
 }
 
 impl Applied {
@@ -216,6 +218,8 @@ pub(super) struct Flusher {
     pub dir: PathBuf,
     pub db_file: std::fs::File,
     pub journal: super::journal::Journal,
+    /// The audit log's segment files: the groups' audit blocks go there.
+    pub audit: crate::audit::segments::Appender,
     pub stats: Arc<FlushStats>,
     pub failed: Failure,
     pub synced_blobs: HashSet<std::ffi::OsString>,
@@ -268,7 +272,17 @@ impl Flusher {
         self.journal
             .append(records().map(|(lsn, changes)| (*lsn, &**changes)))?;
         for (lsn, changes) in records() {
-            apply(&self.db, changes, *lsn)?;
+            apply(&self.db, &mut self.audit, changes, *lsn)?;
+        }
+        self.audit.write()?;
+        if let Some(first_kept) = groups.iter().filter_map(|g| g.prune_audit_before).max() {
+            // The anchor standing for them is journaled: the records can go.
+            match self.audit.remove_before(first_kept) {
+                Ok(n) => debug!(segments = n, first_kept, "audit segments removed"),
+                // Left behind, they lie before the anchor: readers step over
+                // them and the next prune tries again.
+                Err(e) => warn!(cause = %e, "removing pruned audit segments failed"),
+            }
         }
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
             self.checkpoint()?;
@@ -282,6 +296,12 @@ impl Flusher {
     /// sled, so the journal starts over.
     fn checkpoint(&mut self) -> Result<(), StorageError> {
         let started = Instant::now();
+        // The audit segments first: their recorded end goes in with sled's
+        // flush, and must not claim what is not on disk.
+        if let Some(tail) = self.audit.sync()? {
+            self.db
+                .insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail))?;
+        }
         self.db.flush()?;
         self.db_file
             .sync_data()
@@ -360,7 +380,8 @@ impl Flusher {
 }
 
 /// Applies a durable group's writes to sled as single-key operations, then
-/// its journal lsn.
+/// its journal lsn; its audit blocks go to the segment files instead
+/// (buffered, written by the caller).
 ///
 /// Not a `sled::Batch`: sled writes out its log buffer at the start of every
 /// batch (two `pwrite` + `sync_file_range` rounds on its I/O threads per
@@ -371,9 +392,23 @@ impl Flusher {
 /// message `m` before its pending entries `p`), then removals in reverse key
 /// order (pending entries before their message). Dispatchers deliver no
 /// sequence before its group is applied.
-fn apply(db: &sled::Db, changes: &Changes, lsn: u64) -> Result<(), StorageError> {
+fn apply(
+    db: &sled::Db,
+    audit: &mut crate::audit::segments::Appender,
+    changes: &Changes,
+    lsn: u64,
+) -> Result<(), StorageError> {
     for (key, value) in changes {
-        if let Some(value) = value {
+        let Some(value) = value else { continue };
+        if key.first() == Some(&keys::AUDIT_BLOCK) {
+            let first =
+                key.get(1..)
+                    .and_then(keys::be_u64)
+                    .ok_or_else(|| StorageError::Corrupt {
+                        what: "an audit block's key".into(),
+                    })?;
+            audit.push(first, value)?;
+        } else {
             db.insert(&key[..], &value[..])?;
         }
     }
@@ -425,6 +460,8 @@ mod tests {
             dir: dir.to_path_buf(),
             db_file: std::fs::File::open(dir.join("store").join("db")).unwrap(),
             journal: super::super::journal::Journal::open(&dir.join("store")).unwrap(),
+            audit: crate::audit::segments::Appender::open(&dir.join("store"), None, 1 << 20)
+                .unwrap(),
             stats: Arc::default(),
             failed: Failure::default(),
             synced_blobs: HashSet::new(),
