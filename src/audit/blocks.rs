@@ -1,12 +1,10 @@
-//! How audit records sit in the tree: in **blocks** of consecutive records.
+//! How audit records are grouped: in **blocks** of consecutive records.
 //!
-//! A block is stored under `b first_seq` (big-endian) and holds records
-//! `first_seq, first_seq + 1, ...`, each as a 4-byte big-endian length then
-//! the record's stored bytes (its prost encoding and its hash). The writer
-//! starts a new block once one reaches [`BLOCK_BYTES`], so one tree insert
-//! covers a few dozen records: sled rewrites a tree node for every insert,
-//! and one insert per record made the audit log a third of the writer's
-//! work.
+//! A block holds records `first_seq, first_seq + 1, ...`, each as a 4-byte
+//! big-endian length then the record's stored bytes (its prost encoding and
+//! its hash). The writer starts a new block once one reaches
+//! [`BLOCK_BYTES`], so one journal entry and one segment frame cover a few
+//! dozen records.
 //!
 //! Blocks travel in the journal as keys `b first_seq` and are stored in
 //! segment files ([`super::segments`]). Earlier versions kept them in sled

@@ -3,7 +3,7 @@
 //! Every publish, delivery, ack, nack, dead letter, expiry, refused request,
 //! TLS reload and operator action (redrive, purge, peek) becomes an
 //! [`AuditEvent`]; the storage writer appends it as a record in the **same
-//! atomic batch and flush** as the change it describes, so a publish is
+//! group and journal record** as the change it describes, so a publish is
 //! acknowledged only once its audit record is durable too.
 //!
 //! # Records and the chain
@@ -337,7 +337,7 @@ pub fn read_anchor(tree: &sled::Db) -> Result<Option<AuditAnchor>, AuditError> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
     pub records: u64,
-    /// Bytes of the stored records (keys and values, before sled's overhead).
+    /// Bytes of the stored records in their segments (frames included).
     pub bytes: u64,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
@@ -398,7 +398,7 @@ pub fn verify(tree: &sled::Db, data_dir: &std::path::Path) -> Result<Verified, A
         }
         prev = stored;
         first_seq.get_or_insert(seq);
-        expect_seq = seq + 1;
+        expect_seq = seq.saturating_add(1);
         records += 1;
     }
     if let Some(tail) = segments::read_tail(tree)? {
@@ -696,7 +696,7 @@ mod tests {
         assert_eq!(log.verify().unwrap().records, 15);
 
         // Segment 10 goes only once the first record after it is old.
-        let anchor = segments::prune_plan(log.dir(), 5_000_000, 100)
+        let anchor = segments::prune_plan(log.dir(), 0, 5_000_000, 100)
             .unwrap()
             .unwrap();
         assert_eq!(anchor.first_seq, 10);

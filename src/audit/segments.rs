@@ -103,6 +103,9 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
         let name = entry.file_name();
         let Some(first) = name
             .to_str()
@@ -171,10 +174,17 @@ fn frame_at(data: &[u8], at: usize) -> Result<Option<Frame>, &'static str> {
 
 /// Record count and last record's hash of a well-formed, non-empty block.
 fn block_summary(block: &[u8]) -> Option<(u64, [u8; HASH_LEN])> {
-    let ranges = blocks::block_ranges(block)?;
-    let last = ranges.last()?;
-    let hash = super::split(&block[last.clone()])?.1;
-    Some((ranges.len() as u64, hash))
+    let mut at = 0usize;
+    let mut count = 0u64;
+    let mut last = None;
+    while at < block.len() {
+        let len = u32::from_be_bytes(block.get(at..at + 4)?.try_into().ok()?) as usize;
+        let end = (at + 4).checked_add(len)?;
+        last = Some(block.get(at + 4..end)?);
+        count += 1;
+        at = end;
+    }
+    Some((count, super::split(last?)?.1))
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
@@ -219,6 +229,9 @@ pub struct Appender {
     /// None: no record yet, and none known (a new log).
     next_seq: Option<u64>,
     last_hash: [u8; HASH_LEN],
+    /// The segment of the end recorded in sled: never removed by pruning,
+    /// since recovery cuts back to it.
+    recorded_segment: Option<u64>,
 }
 
 impl Appender {
@@ -242,19 +255,10 @@ impl Appender {
             dirty: false,
             next_seq: None,
             last_hash: [0; HASH_LEN],
+            recorded_segment: None,
         };
         if let Some(tail) = tail {
-            let path = dir.join(file_name(tail.segment));
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io_error(&path))?;
-            appender.current = Some(Current {
-                first: tail.segment,
-                path,
-                file,
-                written: tail.len,
-            });
+            appender.recorded_segment = Some(tail.segment);
             appender.next_seq = Some(tail.next_seq);
             appender.last_hash =
                 tail.last_hash
@@ -263,6 +267,27 @@ impl Appender {
                     .map_err(|_| StorageError::Corrupt {
                         what: "the audit log's recorded end".into(),
                     })?;
+            // Appending goes on in the recorded segment only where it ends
+            // exactly at the recorded end (always, after a crash and
+            // [`recover`]); a file someone cut or removed is left as it is
+            // and the next block begins a new segment.
+            let path = dir.join(file_name(tail.segment));
+            let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+                Ok(file) => Some(file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(source) => return Err(StorageError::Io { path, source }),
+            };
+            if let Some(file) = file {
+                let len = file.metadata().map_err(io_error(&path))?.len();
+                if len == tail.len {
+                    appender.current = Some(Current {
+                        first: tail.segment,
+                        path,
+                        file,
+                        written: tail.len,
+                    });
+                }
+            }
         }
         Ok(appender)
     }
@@ -270,11 +295,6 @@ impl Appender {
     /// The sequence number the next record takes, when known.
     pub fn next_seq(&self) -> Option<u64> {
         self.next_seq
-    }
-
-    /// Takes the next block wherever it begins (moving a log with a gap).
-    pub(crate) fn forget_position(&mut self) {
-        self.next_seq = None;
     }
 
     /// Appends a block of records from `first_seq`, which must follow the
@@ -290,6 +310,37 @@ impl Appender {
         let (count, hash) = block_summary(block).ok_or_else(|| StorageError::Corrupt {
             what: format!("audit block of record {first_seq} is unreadable"),
         })?;
+        let next = first_seq
+            .checked_add(count)
+            .ok_or_else(|| StorageError::Corrupt {
+                what: format!(
+                    "audit block of record {first_seq} runs past the last sequence number"
+                ),
+            })?;
+        self.frame(first_seq, block)?;
+        self.next_seq = Some(next);
+        self.last_hash = hash;
+        Ok(())
+    }
+
+    /// Appends a block of an earlier version's log as it is, readable or
+    /// not (moving a damaged log, for `joinery audit verify` to name what is
+    /// wrong): the position is known again after the next readable block.
+    pub(crate) fn push_as_is(&mut self, first_seq: u64, block: &[u8]) -> Result<(), StorageError> {
+        self.frame(first_seq, block)?;
+        match block_summary(block).and_then(|(n, h)| Some((first_seq.checked_add(n)?, h))) {
+            Some((next, hash)) => {
+                self.next_seq = Some(next);
+                self.last_hash = hash;
+            }
+            None => self.next_seq = None,
+        }
+        Ok(())
+    }
+
+    /// Frames `block` into the buffer, beginning a new segment first when
+    /// the current one is full.
+    fn frame(&mut self, first_seq: u64, block: &[u8]) -> Result<(), StorageError> {
         let full = self
             .current
             .as_ref()
@@ -298,8 +349,6 @@ impl Appender {
             self.begin(first_seq)?;
         }
         encode_frame(&mut self.buf, first_seq, block);
-        self.next_seq = Some(first_seq + count);
-        self.last_hash = hash;
         self.dirty = true;
         Ok(())
     }
@@ -374,7 +423,11 @@ impl Appender {
             self.parent_dirty = false;
         }
         self.dirty = false;
-        Ok(self.tail())
+        let tail = self.tail();
+        if let Some(t) = &tail {
+            self.recorded_segment = Some(t.segment);
+        }
+        Ok(tail)
     }
 
     /// Where the segments end, once everything is written.
@@ -390,12 +443,21 @@ impl Appender {
 
     /// Removes the segments wholly before record `first_kept`, which must
     /// begin a segment (a pruning anchor's first record); never the
-    /// current one. Returns how many went.
+    /// current one, nor the one the end recorded in sled names (until the
+    /// next checkpoint records a later one). Returns how many went.
     pub fn remove_before(&mut self, first_kept: u64) -> Result<usize, StorageError> {
-        let current = self.current.as_ref().map(|c| c.first);
+        let keep_from = [
+            Some(first_kept),
+            self.current.as_ref().map(|c| c.first),
+            self.recorded_segment,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(first_kept);
         let mut removed = 0;
         for (first, path) in list(&self.dir).map_err(io_error(&self.dir))? {
-            if first >= first_kept || Some(first) == current {
+            if first >= keep_from {
                 break;
             }
             match std::fs::remove_file(&path) {
@@ -413,6 +475,12 @@ impl Appender {
 /// checkpoint; None: nothing recorded, every segment goes), then appends
 /// the journal's `blocks` past it, in order, and syncs. Returns the new
 /// end to record in sled, or None when it did not change.
+///
+/// A recorded segment that is shorter than recorded, or gone, is not what
+/// a crash leaves: someone cut it, or the disk lost synced data. That is
+/// logged as an error and left for `joinery audit verify` to name; the
+/// chain goes on from its recorded head in a new segment, and the broker
+/// does not stop for it.
 pub(crate) fn recover<'a>(
     data_dir: &Path,
     tail: Option<&Tail>,
@@ -421,8 +489,6 @@ pub(crate) fn recover<'a>(
 ) -> Result<Option<Tail>, StorageError> {
     let dir = dir_of(data_dir);
     let mut cut = false;
-    // Where appending resumes: the recorded end, unless the file is shorter.
-    let mut resume = tail.cloned();
     let mut found_tail = false;
     for (first, path) in list(&dir).map_err(io_error(&dir))? {
         match tail {
@@ -435,10 +501,6 @@ pub(crate) fn recover<'a>(
                     .map_err(io_error(&path))?;
                 let len = file.metadata().map_err(io_error(&path))?.len();
                 if len < t.len {
-                    // Not what a crash does: someone cut the file, or the
-                    // disk lost synced data. The chain goes on from its
-                    // recorded head, and `joinery audit verify` names
-                    // what is missing; the broker does not stop for it.
                     error!(
                         segment = %path.display(),
                         bytes = len,
@@ -446,9 +508,6 @@ pub(crate) fn recover<'a>(
                         "an audit segment is shorter than recorded as durable: \
                          the audit log has been altered; run `joinery audit verify`"
                     );
-                    if let Some(r) = resume.as_mut() {
-                        r.len = len;
-                    }
                 } else if len > t.len {
                     file.set_len(t.len).map_err(io_error(&path))?;
                     file.sync_all().map_err(io_error(&path))?;
@@ -467,22 +526,11 @@ pub(crate) fn recover<'a>(
             "the last audit segment is missing: the audit log has been altered; \
              run `joinery audit verify`"
         );
-        let path = dir.join(file_name(t.segment));
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        File::create(&path).map_err(io_error(&path))?;
-        if let Some(r) = resume.as_mut() {
-            r.len = 0;
-        }
-        cut = true;
     }
     if cut {
         sync_path(&dir)?;
     }
-    let mut appender = Appender::open(data_dir, resume.as_ref(), segment_bytes)?;
-    if resume != tail.cloned() {
-        // The recorded end moved back: record it even if nothing follows.
-        appender.dirty = true;
-    }
+    let mut appender = Appender::open(data_dir, tail, segment_bytes)?;
     for (first, block) in blocks {
         if appender.next_seq().is_some_and(|next| first < next) {
             continue;
@@ -527,7 +575,8 @@ impl Stored {
 
 /// Every stored record in sequence order, segment by segment, from the
 /// first record at or after `from_seq` (segments wholly before it, left by
-/// an interrupted prune, are not read). Stops after the first error.
+/// an interrupted prune, are not read). An error names where reading
+/// failed; the next item comes from the next frame or segment that reads.
 pub struct Records {
     segments: std::vec::IntoIter<(u64, PathBuf)>,
     /// The segment being read, and where its next frame begins.
@@ -538,7 +587,6 @@ pub struct Records {
     /// The sequence number the next frame should begin with (for errors).
     expect: u64,
     from_seq: u64,
-    failed: bool,
 }
 
 impl Records {
@@ -563,7 +611,6 @@ impl Records {
             pending: Vec::new().into_iter(),
             expect: 0,
             from_seq,
-            failed: false,
         })
     }
 
@@ -580,7 +627,7 @@ impl Records {
                     self.at = frame.end;
                     match records_of(&self.data[frame.block], frame.first_seq) {
                         Ok(records) => {
-                            self.expect = frame.first_seq + records.len() as u64;
+                            self.expect = frame.first_seq.saturating_add(records.len() as u64);
                             self.pending = records.into_iter();
                         }
                         Err(e) => return Some(Err(e)),
@@ -603,12 +650,15 @@ impl Records {
                     }
                 }
                 Err(problem) => {
+                    // The rest of this segment cannot be framed; the next
+                    // segment is read on.
+                    let at = self.at;
+                    self.at = self.data.len();
                     return Some(Err(AuditError::Broken {
                         seq: self.expect,
                         problem: format!(
-                            "a block of segment {} at byte {} is {problem}",
+                            "a block of segment {} at byte {at} is {problem}",
                             self.path.display(),
-                            self.at
                         ),
                     }));
                 }
@@ -631,7 +681,7 @@ fn records_of(block: &[u8], first: u64) -> Result<Vec<Stored>, AuditError> {
         .into_iter()
         .enumerate()
         .map(|(i, range)| Stored {
-            seq: first + i as u64,
+            seq: first.saturating_add(i as u64),
             block_first: first,
             block: shared.clone(),
             range,
@@ -644,14 +694,7 @@ impl Iterator for Records {
     type Item = Result<Stored, AuditError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = self.next_inner();
-        if matches!(item, Some(Err(_))) {
-            self.failed = true;
-        }
-        item
+        self.next_inner()
     }
 }
 
@@ -661,6 +704,11 @@ fn first_record(path: &Path) -> Option<AuditRecord> {
     let mut header = [0u8; HEADER];
     file.read_exact_at(&mut header, 0).ok()?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    // The length is read from disk: never allocate past the file's end.
+    let file_len = file.metadata().ok()?.len();
+    if (8 + len) as u64 > file_len {
+        return None;
+    }
     let mut data = vec![0u8; 8 + len];
     file.read_exact_at(&mut data, 0).ok()?;
     let frame = frame_at(&data, 0).ok()??;
@@ -672,11 +720,14 @@ fn first_record(path: &Path) -> Option<AuditRecord> {
 
 /// What pruning by `cutoff_ms` may remove: the anchor for the first record
 /// it keeps, or None. Whole segments only, oldest first, at most
-/// `max_segments`: a segment can go once the first record of the next one
-/// is older than the cutoff (its own records are older still), and the
-/// last segment never goes.
+/// `max_segments` past `anchored_at` (the current anchor's first record;
+/// segments wholly before it, left by an interrupted prune, do not count
+/// and go with the next removal): a segment can go once the first record of
+/// the next one is older than the cutoff (its own records are older still),
+/// and the last segment never goes.
 pub fn prune_plan(
     data_dir: &Path,
+    anchored_at: u64,
     cutoff_ms: u64,
     max_segments: usize,
 ) -> Result<Option<super::AuditAnchor>, AuditError> {
@@ -686,16 +737,33 @@ pub fn prune_plan(
         source,
     })?;
     let mut anchor = None;
-    for next in segments.iter().skip(1).take(max_segments) {
-        match first_record(&next.1) {
-            Some(record) if record.time_ms < cutoff_ms && record.seq == next.0 => {
+    let candidates = segments
+        .iter()
+        .skip(1)
+        .filter(|(first, _)| *first > anchored_at)
+        .take(max_segments);
+    for (first, path) in candidates {
+        match first_record(path) {
+            Some(record) if record.seq == *first => {
+                if record.time_ms >= cutoff_ms {
+                    break;
+                }
                 anchor = Some(super::AuditAnchor {
                     first_seq: record.seq,
                     prev_hash: record.prev_hash,
                     pruned_at_ms: crate::storage::now_ms(),
                 });
             }
-            _ => break,
+            _ => {
+                // Pruning stops here until the segment is repaired: nothing
+                // after an unreadable record can be anchored.
+                tracing::warn!(
+                    segment = %path.display(),
+                    "audit pruning stopped: this segment's first record is unreadable \
+                     or not the one its name says; run `joinery audit verify`"
+                );
+                break;
+            }
         }
     }
     Ok(anchor)
@@ -734,7 +802,9 @@ pub fn block_of(data_dir: &Path, seq: u64) -> Result<Option<FoundBlock>, AuditEr
 
 /// Rewrites the segment at `path` with the block of `first_seq` replaced by
 /// `records` (dropped when empty), frames and all: what someone with write
-/// access to the data directory could do. For tests of verification.
+/// access to the data directory could do. For tests of verification only:
+/// not atomic.
+#[doc(hidden)]
 pub fn replace_block(path: &Path, first_seq: u64, records: &[Vec<u8>]) -> std::io::Result<()> {
     let data = std::fs::read(path)?;
     let mut out = Vec::with_capacity(data.len());
@@ -752,12 +822,12 @@ pub fn replace_block(path: &Path, first_seq: u64, records: &[Vec<u8>]) -> std::i
     std::fs::write(path, out)
 }
 
-/// Frames and bytes of the segments of `data_dir`: (records, bytes).
+/// Records and bytes of the segments of `data_dir` that read (a damaged
+/// frame is `joinery audit verify`'s to report): (records, bytes).
 pub fn usage(data_dir: &Path) -> Result<(u64, u64), AuditError> {
     let mut records = 0;
     let mut bytes = 0;
-    for stored in Records::new(data_dir, 0)? {
-        let stored = stored?;
+    for stored in Records::new(data_dir, 0)?.flatten() {
         records += 1;
         bytes += stored.stored_len();
     }
@@ -854,8 +924,8 @@ mod tests {
         let err = recover(tmp.path(), Some(&new), [(9, &b9[..])], 1 << 20).unwrap_err();
         assert!(err.to_string().contains("record 9"), "{err}");
         // A file cut shorter than recorded (not what a crash does): the
-        // log goes on from the recorded head after what is left, for
-        // verification to find the gap.
+        // log goes on from the recorded head in a new segment, for
+        // verification to find the cut; reading goes on past it.
         let seg = dir_of(tmp.path()).join(file_name(1));
         let data = std::fs::read(&seg).unwrap();
         std::fs::write(&seg, &data[..data.len() - 5]).unwrap();
@@ -863,17 +933,19 @@ mod tests {
         let cut = recover(tmp.path(), Some(&new), [(7, &b7[..])], 1 << 20)
             .unwrap()
             .unwrap();
-        assert_eq!(cut.next_seq, 8);
+        assert_eq!((cut.segment, cut.next_seq), (7, 8));
         let read: Vec<_> = Records::new(tmp.path(), 0).unwrap().collect();
         assert!(read.iter().any(|r| r.is_err()), "the cut frame is reported");
-        // A missing last segment is made again, empty, and written on.
+        let last = read.last().unwrap().as_ref().unwrap();
+        assert_eq!(last.seq, 7, "records after the cut still read");
+        // A missing last segment: the same, in a new segment.
         let mut gone = cut.clone();
         gone.segment = 3;
         let b8 = block(8, 1);
         let again = recover(tmp.path(), Some(&gone), [(8, &b8[..])], 1 << 20)
             .unwrap()
             .unwrap();
-        assert_eq!((again.segment, again.next_seq), (3, 9));
+        assert_eq!((again.segment, again.next_seq), (8, 9));
     }
 
     #[test]
@@ -895,19 +967,42 @@ mod tests {
         a.sync().unwrap();
         assert_eq!(list(&dir_of(tmp.path())).unwrap().len(), 4);
         // Records at 1000, 2000, 3000, 4000: cutoff 3500 keeps from record 3.
-        let anchor = prune_plan(tmp.path(), 3_500, 16).unwrap().unwrap();
+        let anchor = prune_plan(tmp.path(), 0, 3_500, 16).unwrap().unwrap();
         assert_eq!(anchor.first_seq, 3);
         assert_eq!(anchor.prev_hash, vec![2u8; HASH_LEN]);
-        assert_eq!(prune_plan(tmp.path(), 1_500, 16).unwrap(), None);
+        assert_eq!(prune_plan(tmp.path(), 0, 1_500, 16).unwrap(), None);
         // The last segment never goes.
-        let all = prune_plan(tmp.path(), 99_999, 16).unwrap().unwrap();
+        let all = prune_plan(tmp.path(), 0, 99_999, 16).unwrap().unwrap();
         assert_eq!(all.first_seq, 4);
+        // Segments before the current anchor (left by an interrupted prune)
+        // do not count against the limit, and the anchor never goes back.
+        let next = prune_plan(tmp.path(), 2, 99_999, 1).unwrap().unwrap();
+        assert_eq!(next.first_seq, 3);
         // Before the removal, readers from the anchor skip what it covers.
         assert_eq!(seqs(tmp.path(), 3), [3, 4]);
         assert_eq!(a.remove_before(3).unwrap(), 2);
         assert_eq!(seqs(tmp.path(), 3), [3, 4]);
         assert_eq!(a.remove_before(99).unwrap(), 1, "never the current segment");
         assert_eq!(seqs(tmp.path(), 0), [4]);
+    }
+
+    #[test]
+    fn the_segment_of_the_recorded_end_outlives_pruning_until_a_later_end_is_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut a = Appender::open(tmp.path(), None, 1).unwrap();
+        a.push(1, &block(1, 1)).unwrap();
+        let recorded = a.sync().unwrap().unwrap();
+        assert_eq!(recorded.segment, 1);
+        // More segments, no checkpoint: recovery would still cut back to 1.
+        a.push(2, &block(2, 1)).unwrap();
+        a.push(3, &block(3, 1)).unwrap();
+        a.write().unwrap();
+        assert_eq!(a.remove_before(3).unwrap(), 0);
+        assert_eq!(list(&dir_of(tmp.path())).unwrap().len(), 3);
+        // Once a later end is recorded, it can go.
+        assert_eq!(a.sync().unwrap().unwrap().segment, 3);
+        assert_eq!(a.remove_before(3).unwrap(), 2);
+        assert_eq!(seqs(tmp.path(), 0), [3]);
     }
 
     #[test]

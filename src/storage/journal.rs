@@ -32,8 +32,9 @@
 //!   predecessor's lsn: what is left of an earlier pass is never replayed,
 //!   even where a record of the new pass ends exactly where an old one began.
 //! - A new pass overwrites the file only once sled holds every record of the
-//!   old one durably: a checkpoint, or at open ([`recover`] flushes and
-//!   fsyncs sled whenever the journal held a record).
+//!   old one durably, and the audit segments every audit block of it (their
+//!   end recorded in sled): a checkpoint, or at open ([`recover`] flushes
+//!   and fsyncs sled whenever the journal held a record).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -195,7 +196,7 @@ fn encode(out: &mut Vec<u8>, pass: u64, lsn: u64, changes: &Changes) {
 }
 
 /// The intact records at the start of `data`, in order: (lsn, ops).
-fn records(data: &[u8]) -> Vec<(u64, &[u8])> {
+pub(super) fn records(data: &[u8]) -> Vec<(u64, &[u8])> {
     let mut out = Vec::new();
     let mut at = 0usize;
     let mut prev: Option<(u64, u64)> = None;
@@ -304,7 +305,11 @@ pub(super) fn applied_lsn(db: &sled::Db) -> Result<u64, StorageError> {
 /// past their recorded end is appended again, whether or not sled had its
 /// group, and the new end recorded. A store of format 2 or before still
 /// keeps its blocks in sled, until they are moved ([`super::Store::open`]).
-pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> {
+pub(super) fn recover(
+    db: &sled::Db,
+    dir: &Path,
+    audit_segment_bytes: u64,
+) -> Result<usize, StorageError> {
     let path = dir.join(FILE);
     let data = match std::fs::read(&path) {
         Ok(data) => data,
@@ -348,12 +353,9 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> 
             })
         });
         let tail = crate::audit::segments::read_tail(db)?;
-        if let Some(tail) = crate::audit::segments::recover(
-            dir,
-            tail.as_ref(),
-            blocks,
-            crate::audit::segments::SEGMENT_BYTES,
-        )? {
+        if let Some(tail) =
+            crate::audit::segments::recover(dir, tail.as_ref(), blocks, audit_segment_bytes)?
+        {
             db.insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail))?;
             tail_moved = true;
         }
@@ -375,8 +377,22 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<usize, StorageError> 
     Ok(replayed)
 }
 
+/// Makes the journal in `dir` read as empty (zeros over its first record's
+/// header, synced). Only once sled holds everything in it durably.
+pub(super) fn invalidate(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(FILE);
+    let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StorageError::Io { path, source }),
+    };
+    file.write_all_at(&[0u8; HEADER], 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|source| StorageError::Io { path, source })
+}
+
 /// fsyncs sled's data file and any blob files, after a `flush()`.
-fn sync_store_files(dir: &Path) -> Result<(), StorageError> {
+pub(super) fn sync_store_files(dir: &Path) -> Result<(), StorageError> {
     let sync = |path: PathBuf| {
         File::open(&path)
             .and_then(|f| f.sync_all())
@@ -453,7 +469,7 @@ mod tests {
             .append([(4, &g4), (5, &g5), (6, &g6), (7, &g7)])
             .unwrap();
 
-        assert_eq!(recover(&db, tmp.path()).unwrap(), 2);
+        assert_eq!(recover(&db, tmp.path(), 1 << 20).unwrap(), 2);
         assert_eq!(get(&db, b"k1"), None);
         assert_eq!(get(&db, b"k2").as_deref(), Some(&b"from 7"[..]));
         assert_eq!(get(&db, b"k3").as_deref(), Some(&b"from 7"[..]));
@@ -461,7 +477,7 @@ mod tests {
         assert_eq!(get(&db, b"old"), None);
         assert_eq!(applied_lsn(&db).unwrap(), 7);
         // A second recovery finds nothing left to do.
-        assert_eq!(recover(&db, tmp.path()).unwrap(), 0);
+        assert_eq!(recover(&db, tmp.path(), 1 << 20).unwrap(), 0);
     }
 
     #[test]
@@ -483,7 +499,7 @@ mod tests {
         ]);
         journal.append([(6, &g6)]).unwrap();
 
-        assert_eq!(recover(&db, tmp.path()).unwrap(), 1);
+        assert_eq!(recover(&db, tmp.path(), 1 << 20).unwrap(), 1);
         assert_eq!(get(&db, b"a").as_deref(), Some(&b"from 6"[..]));
         assert_eq!(get(&db, b"b").as_deref(), Some(&b"from 6"[..]));
         assert_eq!(get(&db, b"gone"), None);
@@ -498,7 +514,7 @@ mod tests {
         let mut journal = Journal::open(tmp.path()).unwrap();
         let g = ops(&[(b"k", Some(b"v"))]);
         journal.append([(7, &g), (8, &g)]).unwrap();
-        let err = recover(&db, tmp.path()).unwrap_err();
+        let err = recover(&db, tmp.path(), 1 << 20).unwrap_err();
         assert!(err.to_string().contains("group 7"), "{err}");
         assert_eq!(get(&db, b"k"), None);
     }
@@ -516,7 +532,7 @@ mod tests {
         journal.reset();
         let small = ops(&[(b"k", Some(b"4"))]);
         journal.append([(4, &small)]).unwrap();
-        assert_eq!(recover(&db, tmp.path()).unwrap(), 1);
+        assert_eq!(recover(&db, tmp.path(), 1 << 20).unwrap(), 1);
         assert_eq!(get(&db, b"k").as_deref(), Some(&b"4"[..]));
     }
 }

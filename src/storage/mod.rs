@@ -27,9 +27,10 @@
 //! pending entries the same way for the inline ones. Earlier expiries (an
 //! envelope's `expires_at`) are in the expiry index (`x`).
 //!
-//! Audit records go in blocks of consecutive records, one tree key per
-//! block ([`crate::audit::blocks`]): sled rewrites a tree node on every
-//! insert, so the fewer keys a message costs, the faster the writer.
+//! Audit records are not in sled: blocks of consecutive records travel in
+//! the journal and are appended to segment files
+//! ([`crate::audit::segments`]). sled rewrites a tree node on every insert,
+//! so the fewer keys a message costs, the faster the writer.
 //!
 //! Depth and dead-letter counts are kept per subscription (`k sub`), updated in
 //! the same batch as the entries they count, never computed by scanning.
@@ -445,11 +446,11 @@ impl Store {
         let created = !dir.join("db").exists();
         let marker = dir.join(FORMAT_MARKER);
         let initialised = marker.exists();
-        let db = open_sled(dir, options.cache_capacity)?;
+        let db = open_sled(dir, options.cache_capacity, options.audit_segment_bytes)?;
         if created {
             sync_dir(dir)?;
         }
-        check_format(&db, dir, initialised)?;
+        check_format(&db, dir, initialised, options.audit_segment_bytes)?;
         if !initialised {
             // Only now is the store known to be durably initialised: from here
             // on, a store that opens empty has lost its data and is refused.
@@ -818,7 +819,11 @@ impl Store {
 /// still gets `Locked`, just this much later.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
-pub(crate) fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
+pub(crate) fn open_sled(
+    dir: &Path,
+    cache_capacity: u64,
+    audit_segment_bytes: u64,
+) -> Result<sled::Db, StorageError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match open_sled_once(dir, cache_capacity) {
@@ -826,7 +831,7 @@ pub(crate) fn open_sled(dir: &Path, cache_capacity: u64) -> Result<sled::Db, Sto
                 std::thread::sleep(Duration::from_millis(25));
             }
             Ok(db) => {
-                journal::recover(&db, dir)?;
+                journal::recover(&db, dir, audit_segment_bytes)?;
                 return Ok(db);
             }
             other => return other,
@@ -876,7 +881,12 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         })
 }
 
-fn check_format(db: &sled::Db, dir: &Path, initialised: bool) -> Result<(), StorageError> {
+fn check_format(
+    db: &sled::Db,
+    dir: &Path,
+    initialised: bool,
+    segment_bytes: u64,
+) -> Result<(), StorageError> {
     match db.get(keys::FORMAT)? {
         // sled opens unreadable files as an empty store; the marker tells a
         // new store from one whose data could not be recovered.
@@ -890,9 +900,17 @@ fn check_format(db: &sled::Db, dir: &Path, initialised: bool) -> Result<(), Stor
             db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
             Ok(())
         }
-        Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => Ok(()),
+        Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => {
+            let leftovers = [keys::AUDIT, keys::AUDIT_BLOCK]
+                .iter()
+                .any(|p| db.scan_prefix([*p]).next().is_some());
+            if leftovers {
+                remove_legacy_audit_keys(db)?;
+            }
+            Ok(())
+        }
         Some(v) if keys::be_u32(&v).is_some_and(|v| FORMAT_VERSIONS_READ.contains(&v)) => {
-            move_audit_to_segments(db, dir)
+            move_audit_to_segments(db, dir, segment_bytes)
         }
         Some(v) => Err(StorageError::Corrupt {
             what: format!(
@@ -916,11 +934,16 @@ fn format_of(db: &sled::Db) -> Result<Option<u32>, StorageError> {
 }
 
 /// Moves the audit log of a format 1 or 2 store out of sled into segment
-/// files, and marks the store version 3, in one batch with the removal of
-/// the moved keys: a crash before it leaves the store as it was (segments
-/// the attempt wrote are removed and written again on the next open).
-fn move_audit_to_segments(db: &sled::Db, dir: &Path) -> Result<(), StorageError> {
-    use crate::audit::{blocks, segments};
+/// files and marks the store version 3 in one batch with the segments'
+/// recorded end: a crash before it leaves the store as it was (segments the
+/// attempt wrote are removed and written again on the next open). The
+/// moved keys are removed after, in chunks ([`remove_legacy_audit_keys`]).
+fn move_audit_to_segments(
+    db: &sled::Db,
+    dir: &Path,
+    segment_bytes: u64,
+) -> Result<(), StorageError> {
+    use crate::audit::{blocks, segments, AuditError};
     let seg_dir = segments::dir_of(dir);
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -932,13 +955,26 @@ fn move_audit_to_segments(db: &sled::Db, dir: &Path) -> Result<(), StorageError>
     for (_, path) in segments::list(&seg_dir).map_err(io(&seg_dir))? {
         std::fs::remove_file(&path).map_err(io(&path))?;
     }
-    let mut appender = segments::Appender::open(dir, None, segments::SEGMENT_BYTES)?;
-    let mut batch = sled::Batch::default();
+    let mut appender = segments::Appender::open(dir, None, segment_bytes)?;
     let mut blocks_moved = 0u64;
     for item in blocks::legacy(db) {
-        let (key, first, block) = item.map_err(|e| StorageError::Corrupt {
-            what: format!("audit log, while moving it to segment files: {e}"),
-        })?;
+        let (first, block) = match item {
+            Ok((_, first, block)) => (first, block),
+            Err(AuditError::Broken { problem, .. }) => {
+                // A key that names no record: nothing to move. Verification
+                // shows the records it held as missing.
+                warn!(
+                    problem,
+                    "an audit key of the old format is unreadable; skipped"
+                );
+                continue;
+            }
+            Err(e) => {
+                return Err(StorageError::Corrupt {
+                    what: format!("audit log, while moving it to segment files: {e}"),
+                })
+            }
+        };
         if appender.next_seq().is_some_and(|next| next != first) {
             // A gap (a removed record): moved as it is, for `joinery audit
             // verify` to name, rather than refusing to open the store.
@@ -946,12 +982,18 @@ fn move_audit_to_segments(db: &sled::Db, dir: &Path) -> Result<(), StorageError>
                 record = first,
                 "the audit log has a gap; moving it as it is"
             );
-            appender.forget_position();
         }
-        appender.push(first, &block)?;
-        batch.remove(key);
+        appender.push_as_is(first, &block)?;
         blocks_moved += 1;
     }
+    if blocks_moved > 0 && appender.next_seq().is_none() {
+        // The chain's head is unknown: as version 2 did, refuse.
+        return Err(StorageError::Corrupt {
+            what: "audit log: its last block is unreadable, so the chain cannot go on from it"
+                .into(),
+        });
+    }
+    let mut batch = sled::Batch::default();
     match appender.sync()? {
         Some(tail) => batch.insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail)),
         None => batch.remove(keys::AUDIT_TAIL),
@@ -959,12 +1001,38 @@ fn move_audit_to_segments(db: &sled::Db, dir: &Path) -> Result<(), StorageError>
     batch.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes());
     db.apply_batch(batch)?;
     db.flush()?;
+    journal::sync_store_files(dir)?;
+    // What the journal still holds is in sled (and its audit blocks in the
+    // segments): it must not be read again as a pass with no recorded end.
+    journal::invalidate(dir)?;
+    remove_legacy_audit_keys(db)?;
     if blocks_moved > 0 {
         info!(
             blocks = blocks_moved,
             "moved the audit log out of sled into segment files (store format {FORMAT_VERSION})"
         );
     }
+    Ok(())
+}
+
+/// Removes audit keys of the old formats left in sled (after a move into
+/// segments; a crash can interrupt it), 10,000 at a time.
+fn remove_legacy_audit_keys(db: &sled::Db) -> Result<(), StorageError> {
+    for prefix in [keys::AUDIT, keys::AUDIT_BLOCK] {
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in db.scan_prefix([prefix]).keys().take(10_000) {
+                batch.remove(item?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            db.apply_batch(batch)?;
+        }
+    }
+    db.flush()?;
     Ok(())
 }
 
@@ -1040,7 +1108,7 @@ pub fn open_existing(dir: &Path) -> Result<sled::Db, StorageError> {
             what: format!("{} holds no joinery store", dir.display()),
         });
     }
-    let db = open_sled(dir, 16 << 20)?;
+    let db = open_sled(dir, 16 << 20, crate::audit::segments::SEGMENT_BYTES)?;
     match format_of(&db)? {
         Some(FORMAT_VERSION) => Ok(db),
         Some(v) if FORMAT_VERSIONS_READ.contains(&v) => Err(StorageError::Corrupt {
@@ -1574,7 +1642,7 @@ mod tests {
         drop(store);
         // As version 2 kept it: no segments, records in sled (four single
         // records and two blocks).
-        let db = open_sled(tmp.path(), 4 << 20).unwrap();
+        let db = open_sled(tmp.path(), 4 << 20, crate::audit::segments::SEGMENT_BYTES).unwrap();
         std::fs::remove_dir_all(segments::dir_of(tmp.path())).unwrap();
         db.remove(keys::AUDIT_TAIL).unwrap();
         let mut chain = Chain::load(&db, None, Duration::from_secs(86400)).unwrap();
@@ -1602,6 +1670,9 @@ mod tests {
         let store = open(tmp.path());
         let version = store.db().get(keys::FORMAT).unwrap().unwrap();
         assert_eq!(keys::be_u32(&version), Some(FORMAT_VERSION));
+        // The journal's old pass is not read again: it has no recorded end.
+        let journal = std::fs::read(tmp.path().join(journal::FILE)).unwrap();
+        assert!(journal::records(&journal).is_empty());
         assert_eq!(store.db().scan_prefix([keys::AUDIT]).count(), 0);
         assert_eq!(store.db().scan_prefix([keys::AUDIT_BLOCK]).count(), 0);
         assert_eq!(
@@ -1615,6 +1686,45 @@ mod tests {
         let db = open_existing(tmp.path()).unwrap();
         let v = crate::audit::verify(&db, tmp.path()).unwrap();
         assert_eq!((v.first_seq, v.last_seq), (Some(1), Some(10)));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_old_format_audit_log_is_moved_as_it_is_for_verify_to_name() {
+        use crate::audit::{blocks, EventKind};
+        let tmp = tempfile::tempdir().unwrap();
+        open(tmp.path()).close().await.unwrap();
+        let db = open_sled(tmp.path(), 4 << 20, crate::audit::segments::SEGMENT_BYTES).unwrap();
+        assert!(!crate::audit::segments::dir_of(tmp.path()).exists());
+        let mut chain = Chain::load(&db, None, Duration::from_secs(86400)).unwrap();
+        for n in [2, 2, 2] {
+            let mut w = blocks::BlockWriter::default();
+            for _ in 0..n {
+                chain.append_to(AuditEvent::new(EventKind::Ack, "council"), 2, &mut w);
+            }
+            for (key, mut value) in w.finish() {
+                if key == keys::audit_block(3) {
+                    // The middle block cut short.
+                    value.truncate(value.len() - 7);
+                }
+                db.insert(key, value).unwrap();
+            }
+        }
+        // And a key that names no record.
+        db.insert([keys::AUDIT_BLOCK, 1, 2], &b"junk"[..]).unwrap();
+        db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        drop(db);
+
+        let store = open(tmp.path());
+        assert_eq!(store.db().scan_prefix([keys::AUDIT_BLOCK]).count(), 0);
+        publish(&store, "t", &["a"], b"after the move").await;
+        store.close().await.unwrap();
+        drop(store);
+        let db = open_existing(tmp.path()).unwrap();
+        match crate::audit::verify(&db, tmp.path()) {
+            Err(crate::audit::AuditError::Broken { seq, .. }) => assert_eq!(seq, 3),
+            other => panic!("expected record 3 broken, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -691,7 +691,11 @@ impl Writer {
             if self.audit_pruned_at.is_none_or(|at| at.elapsed() >= every) {
                 self.audit_pruned_at = Some(Instant::now());
                 let cutoff = now.saturating_sub(chain.retention_ms());
-                match audit::segments::prune_plan(&self.dir, cutoff, PRUNE_SEGMENTS) {
+                let plan = audit::read_anchor(&self.db).and_then(|anchor| {
+                    let anchored_at = anchor.map_or(0, |a| a.first_seq);
+                    audit::segments::prune_plan(&self.dir, anchored_at, cutoff, PRUNE_SEGMENTS)
+                });
+                match plan {
                     Ok(Some(anchor)) => {
                         debug!(first_kept = anchor.first_seq, "audit records pruned");
                         group.prune_audit_before = Some(anchor.first_seq);

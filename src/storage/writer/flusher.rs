@@ -10,9 +10,10 @@
 //!   both durable and readable in sled.
 //! - Groups are applied and answered in the order the writer built them.
 //! - Several groups waiting together share one journal write and sync.
-//! - The journal is written from its start again only after sled's own
-//!   flush + fsync (a checkpoint): a full journal, or a group that asked for
-//!   one.
+//! - The journal is written from its start again only after a checkpoint:
+//!   the audit segments fsynced and their end recorded in sled, then sled's
+//!   own flush + fsync; on a full journal, a group that asked for one, or a
+//!   stop.
 //! - A group with no writes (e.g. only duplicate publishes) is still answered
 //!   in order, so it never overtakes the durability of an earlier group it
 //!   depends on.
@@ -260,8 +261,19 @@ impl Flusher {
                 .fetch_max(publishes, Ordering::Relaxed);
             debug!(publishes, groups = groups.len(), micros, "group commit");
         }
+        let prune = groups.iter().filter_map(|g| g.prune_audit_before).max();
         for group in groups {
             answer(group, &result);
+        }
+        if let Some(first_kept) = prune.filter(|_| result.is_ok()) {
+            // The anchor standing for them is journaled: the records can
+            // go (after the answers, so no publish waits on the unlinks).
+            match self.audit.remove_before(first_kept) {
+                Ok(n) => debug!(segments = n, first_kept, "audit segments removed"),
+                // Left behind, they lie before the anchor: readers step over
+                // them and the next removal takes them.
+                Err(e) => warn!(cause = %e, "removing pruned audit segments failed"),
+            }
         }
     }
 
@@ -275,15 +287,6 @@ impl Flusher {
             apply(&self.db, &mut self.audit, changes, *lsn)?;
         }
         self.audit.write()?;
-        if let Some(first_kept) = groups.iter().filter_map(|g| g.prune_audit_before).max() {
-            // The anchor standing for them is journaled: the records can go.
-            match self.audit.remove_before(first_kept) {
-                Ok(n) => debug!(segments = n, first_kept, "audit segments removed"),
-                // Left behind, they lie before the anchor: readers step over
-                // them and the next prune tries again.
-                Err(e) => warn!(cause = %e, "removing pruned audit segments failed"),
-            }
-        }
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
             self.checkpoint()?;
         }
