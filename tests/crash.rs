@@ -886,6 +886,48 @@ async fn crash_cycles(harness: &mut Harness) {
                 "topic sequence went back: committed {committed} < highest acked {highest_acked}"
             ));
         }
+
+        // The audit log came through every SIGKILL whole: its chain
+        // verifies, and every acknowledged publish has its record.
+        let config = Config::load_str(&harness.config_text, Vec::<(String, String)>::new())
+            .expect("test config");
+        let data_dir = config.broker.data_dir.clone();
+        let audit = |verb: &str| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_joinery"))
+                .args(["audit", verb, "--data-dir"])
+                .arg(&data_dir)
+                .output()
+                .expect("run joinery audit")
+        };
+        let verified = audit("verify");
+        if !verified.status.success() {
+            problems.push(format!(
+                "audit verify after the crashes: {}",
+                String::from_utf8_lossy(&verified.stderr).trim()
+            ));
+        }
+        let exported = audit("export");
+        let published: HashSet<String> = String::from_utf8_lossy(&exported.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|r| r["event"] == "publish")
+            .filter_map(|r| r["message_id"].as_str().map(str::to_owned))
+            .collect();
+        let unaudited: Vec<String> = acked_ids
+            .iter()
+            .filter(|id| !published.contains(id.as_str()))
+            .map(|id| id.to_string())
+            .collect();
+        check(
+            &mut problems,
+            "acked publishes without their audit record",
+            &unaudited,
+        );
+        println!(
+            "audit: {} publish records for {} acked publishes",
+            published.len(),
+            acked_ids.len()
+        );
     }
 
     // Figures.
