@@ -737,6 +737,7 @@ pub fn prune_plan(
         source,
     })?;
     let mut anchor = None;
+    let newest = segments.last().map(|(first, _)| *first);
     let candidates = segments
         .iter()
         .skip(1)
@@ -754,6 +755,9 @@ pub fn prune_plan(
                     pruned_at_ms: crate::storage::now_ms(),
                 });
             }
+            // The newest segment may be one the flusher has just begun,
+            // its first frame not yet written: not yet.
+            _ if Some(*first) == newest => break,
             _ => {
                 // Pruning stops here until the segment is repaired: nothing
                 // after an unreadable record can be anchored.
