@@ -957,7 +957,17 @@ fn move_audit_to_segments(
     }
     let mut appender = segments::Appender::open(dir, None, segment_bytes)?;
     let mut blocks_moved = 0u64;
+    let started = std::time::Instant::now();
+    let mut reported = started;
     for item in blocks::legacy(db) {
+        if reported.elapsed() >= Duration::from_secs(2) {
+            reported = std::time::Instant::now();
+            info!(
+                blocks = blocks_moved,
+                secs = started.elapsed().as_secs(),
+                "moving the audit log out of sled into segment files (once, at upgrade)"
+            );
+        }
         let (first, block) = match item {
             Ok((_, first, block)) => (first, block),
             Err(AuditError::Broken { problem, .. }) => {
@@ -1009,6 +1019,7 @@ fn move_audit_to_segments(
     if blocks_moved > 0 {
         info!(
             blocks = blocks_moved,
+            ms = started.elapsed().as_millis() as u64,
             "moved the audit log out of sled into segment files (store format {FORMAT_VERSION})"
         );
     }
