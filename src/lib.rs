@@ -185,7 +185,12 @@ pub async fn run_with(
         )
         .serve_with_incoming_shutdown(incoming, shutdown::wait(stop.subscribe()));
     let mut server = tokio::spawn(server);
-    let sampler = tokio::spawn(metrics::sample(broker.clone(), stop.subscribe()));
+    let prometheus = ops.as_ref().and_then(|ops| ops.prometheus.clone());
+    let sampler = tokio::spawn(metrics::sample(
+        broker.clone(),
+        prometheus,
+        stop.subscribe(),
+    ));
     // The operations listener outlives the drain, so /readyz can say so.
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     let ops_server = ops.map(|ops| {
