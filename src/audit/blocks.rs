@@ -120,12 +120,10 @@ pub(crate) fn legacy(
 }
 
 fn seq_of(key: &[u8]) -> Result<u64, AuditError> {
-    key.get(1..)
-        .and_then(keys::be_u64)
-        .ok_or(AuditError::Broken {
-            seq: 0,
-            problem: "unreadable key".into(),
-        })
+    keys::audit_seq(key).ok_or(AuditError::Broken {
+        seq: 0,
+        problem: "unreadable key".into(),
+    })
 }
 
 #[cfg(test)]

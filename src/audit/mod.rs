@@ -588,7 +588,7 @@ mod tests {
                 self.chain.append_to(event, time_ms, &mut w);
             }
             for (key, value) in w.finish() {
-                let first = keys::be_u64(&key[1..]).unwrap();
+                let first = keys::audit_seq(&key).unwrap();
                 self.segments.push(first, &value).unwrap();
             }
         }
@@ -596,9 +596,7 @@ mod tests {
         /// What a checkpoint does: sync, then record the end.
         fn checkpoint(&mut self) {
             if let Some(tail) = self.segments.sync().unwrap() {
-                self.db
-                    .insert(keys::AUDIT_TAIL, tail.encode_to_vec())
-                    .unwrap();
+                segments::record_tail(&self.db, &tail).unwrap();
             }
         }
 

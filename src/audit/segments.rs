@@ -83,6 +83,12 @@ pub fn read_tail(db: &sled::Db) -> Result<Option<Tail>, StorageError> {
     }
 }
 
+/// Records `tail` in `db` as the segments' durable end (under `T`).
+pub fn record_tail(db: &sled::Db, tail: &Tail) -> Result<(), sled::Error> {
+    db.insert(keys::AUDIT_TAIL, tail.encode_to_vec())
+        .map(|_| ())
+}
+
 /// The folder of segments of the data directory `data_dir`.
 pub fn dir_of(data_dir: &Path) -> PathBuf {
     data_dir.join(DIR)

@@ -263,18 +263,12 @@ fn ops_of(lsn: u64, mut ops: &[u8]) -> Result<Vec<RecordOp<'_>>, StorageError> {
     Ok(out)
 }
 
-/// Whether `key` is an audit block's, which goes to the segment files
-/// rather than sled (store format 3 on).
-fn is_audit_block(key: &[u8]) -> bool {
-    key.first() == Some(&keys::AUDIT_BLOCK)
-}
-
 /// One record's ops as a sled batch (without audit blocks when they go to
 /// segments), then its lsn.
 fn batch_of(ops: &[RecordOp<'_>], lsn: u64, blocks_in_sled: bool) -> sled::Batch {
     let mut batch = sled::Batch::default();
     for &(key, value) in ops {
-        if !blocks_in_sled && is_audit_block(key) {
+        if !blocks_in_sled && keys::is_audit_block(key) {
             continue;
         }
         match value {
@@ -347,16 +341,15 @@ pub(super) fn recover(
     let mut tail_moved = false;
     if !blocks_in_sled {
         let blocks = decoded.iter().flat_map(|(_, ops)| {
-            ops.iter().filter_map(|&(key, value)| {
-                let first = keys::be_u64(key.get(1..)?)?;
-                Some((first, value?)).filter(|_| is_audit_block(key))
-            })
+            ops.iter()
+                .filter(|(key, _)| keys::is_audit_block(key))
+                .filter_map(|&(key, value)| Some((keys::audit_seq(key)?, value?)))
         });
         let tail = crate::audit::segments::read_tail(db)?;
         if let Some(tail) =
             crate::audit::segments::recover(dir, tail.as_ref(), blocks, audit_segment_bytes)?
         {
-            db.insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail))?;
+            crate::audit::segments::record_tail(db, &tail)?;
             tail_moved = true;
         }
     }

@@ -70,6 +70,16 @@ pub fn audit_block(first_seq: u64) -> [u8; 9] {
     key
 }
 
+/// Whether `key` is an audit block's (`b first_seq`).
+pub fn is_audit_block(key: &[u8]) -> bool {
+    key.first() == Some(&AUDIT_BLOCK)
+}
+
+/// The sequence number in an audit key (`a seq` or `b first_seq`).
+pub fn audit_seq(key: &[u8]) -> Option<u64> {
+    key.get(1..).and_then(be_u64)
+}
+
 pub fn next_seq(topic: u32) -> [u8; 5] {
     id_only(NEXT_SEQ, topic)
 }

@@ -55,8 +55,8 @@ fn kind_of(first: u8) -> (&'static str, bool) {
         keys::NAME => ("names", false),
         keys::AUDIT => ("audit records (one per key)", true),
         keys::AUDIT_BLOCK => ("audit blocks", true),
-        b'A' => ("audit anchor", true),
-        b'T' => ("audit log's recorded end", true),
+        _ if first == keys::AUDIT_ANCHOR[0] => ("audit anchor", true),
+        _ if first == keys::AUDIT_TAIL[0] => ("audit log's recorded end", true),
         keys::SCHEMA => ("schema packages", false),
         _ => ("store metadata", false),
     }

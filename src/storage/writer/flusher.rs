@@ -302,8 +302,7 @@ impl Flusher {
         // The audit segments first: their recorded end goes in with sled's
         // flush, and must not claim what is not on disk.
         if let Some(tail) = self.audit.sync()? {
-            self.db
-                .insert(keys::AUDIT_TAIL, prost::Message::encode_to_vec(&tail))?;
+            crate::audit::segments::record_tail(&self.db, &tail)?;
         }
         self.db.flush()?;
         self.db_file
@@ -403,13 +402,10 @@ fn apply(
 ) -> Result<(), StorageError> {
     for (key, value) in changes {
         let Some(value) = value else { continue };
-        if key.first() == Some(&keys::AUDIT_BLOCK) {
-            let first =
-                key.get(1..)
-                    .and_then(keys::be_u64)
-                    .ok_or_else(|| StorageError::Corrupt {
-                        what: "an audit block's key".into(),
-                    })?;
+        if keys::is_audit_block(key) {
+            let first = keys::audit_seq(key).ok_or_else(|| StorageError::Corrupt {
+                what: "an audit block's key".into(),
+            })?;
             audit.push(first, value)?;
         } else {
             db.insert(&key[..], &value[..])?;
