@@ -74,21 +74,32 @@ pub fn encode_block<R: AsRef<[u8]>>(records: &[R]) -> Vec<u8> {
     out
 }
 
-/// The byte ranges of a block's records, or None if it is cut short.
-pub fn block_ranges(value: &[u8]) -> Option<Vec<Range<usize>>> {
-    let mut out = Vec::new();
+/// The byte ranges of a block's records in order, without collecting them;
+/// an item of None says the block is cut short there, and is the last.
+pub fn ranges(value: &[u8]) -> impl Iterator<Item = Option<Range<usize>>> + '_ {
     let mut at = 0;
-    while at < value.len() {
-        let len = u32::from_be_bytes(value.get(at..at + LEN)?.try_into().ok()?) as usize;
-        let start = at + LEN;
-        let end = start.checked_add(len)?;
-        if end > value.len() {
+    let mut cut = false;
+    std::iter::from_fn(move || {
+        if cut || at >= value.len() {
             return None;
         }
-        out.push(start..end);
-        at = end;
-    }
-    Some(out)
+        let range = (|| {
+            let len = u32::from_be_bytes(value.get(at..at + LEN)?.try_into().ok()?) as usize;
+            let start = at + LEN;
+            let end = start.checked_add(len)?;
+            (end <= value.len()).then_some(start..end)
+        })();
+        match &range {
+            Some(r) => at = r.end,
+            None => cut = true,
+        }
+        Some(range)
+    })
+}
+
+/// The byte ranges of a block's records, or None if it is cut short.
+pub fn block_ranges(value: &[u8]) -> Option<Vec<Range<usize>>> {
+    ranges(value).collect()
 }
 
 /// The records of a block, each its stored bytes.

@@ -43,7 +43,7 @@ use prost::Message;
 use tracing::error;
 
 use super::{blocks, AuditError, AuditRecord, HASH_LEN};
-use crate::storage::{keys, StorageError};
+use crate::storage::{io_error, keys, sync_dir, StorageError};
 
 /// The folder of segments in the data directory.
 pub const DIR: &str = "audit";
@@ -178,32 +178,22 @@ fn frame_at(data: &[u8], at: usize) -> Result<Option<Frame>, &'static str> {
     }))
 }
 
-/// Record count and last record's hash of a well-formed, non-empty block.
+/// Record count and last record's hash of a well-formed, non-empty block
+/// (no allocation: this runs for every block the flusher appends).
 fn block_summary(block: &[u8]) -> Option<(u64, [u8; HASH_LEN])> {
-    let mut at = 0usize;
     let mut count = 0u64;
     let mut last = None;
-    while at < block.len() {
-        let len = u32::from_be_bytes(block.get(at..at + 4)?.try_into().ok()?) as usize;
-        let end = (at + 4).checked_add(len)?;
-        last = Some(block.get(at + 4..end)?);
+    for range in blocks::ranges(block) {
+        last = Some(range?);
         count += 1;
-        at = end;
     }
-    Some((count, super::split(last?)?.1))
+    Some((count, super::split(&block[last?])?.1))
 }
 
-fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn sync_path(path: &Path) -> Result<(), StorageError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_error(path))
+/// The segments of `data_dir` ([`list`]), for the readers.
+fn list_of(data_dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
+    let dir = dir_of(data_dir);
+    list(&dir).map_err(|source| AuditError::Io { path: dir, source })
 }
 
 /// The segment being written.
@@ -421,11 +411,11 @@ impl Appender {
             current.file.sync_data().map_err(io_error(&current.path))?;
         }
         if self.dir_dirty {
-            sync_path(&self.dir)?;
+            sync_dir(&self.dir)?;
             self.dir_dirty = false;
         }
         if self.parent_dirty {
-            sync_path(&self.data_dir)?;
+            sync_dir(&self.data_dir)?;
             self.parent_dirty = false;
         }
         self.dirty = false;
@@ -534,7 +524,7 @@ pub(crate) fn recover<'a>(
         );
     }
     if cut {
-        sync_path(&dir)?;
+        sync_dir(&dir)?;
     }
     let mut appender = Appender::open(data_dir, tail, segment_bytes)?;
     for (first, block) in blocks {
@@ -552,8 +542,6 @@ pub struct Stored {
     /// Its sequence number by where it is stored: its block's first
     /// sequence number plus its position in the block.
     pub seq: u64,
-    /// The first sequence number of its block.
-    pub block_first: u64,
     block: Arc<[u8]>,
     range: std::ops::Range<usize>,
     /// The last record of its block.
@@ -597,11 +585,7 @@ pub struct Records {
 
 impl Records {
     pub fn new(data_dir: &Path, from_seq: u64) -> Result<Records, AuditError> {
-        let dir = dir_of(data_dir);
-        let mut segments = list(&dir).map_err(|source| AuditError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        let mut segments = list_of(data_dir)?;
         // A segment is wholly before `from_seq` when the next one begins at
         // or before it.
         let skip = segments
@@ -688,7 +672,6 @@ fn records_of(block: &[u8], first: u64) -> Result<Vec<Stored>, AuditError> {
         .enumerate()
         .map(|(i, range)| Stored {
             seq: first.saturating_add(i as u64),
-            block_first: first,
             block: shared.clone(),
             range,
             last_in_block: i == last,
@@ -719,7 +702,7 @@ fn first_record(path: &Path) -> Option<AuditRecord> {
     file.read_exact_at(&mut data, 0).ok()?;
     let frame = frame_at(&data, 0).ok()??;
     let block = &data[frame.block];
-    let first = blocks::block_ranges(block)?.into_iter().next()?;
+    let first = blocks::ranges(block).next()??;
     let (body, _) = super::split(&block[first])?;
     AuditRecord::decode(body).ok()
 }
@@ -737,11 +720,7 @@ pub fn prune_plan(
     cutoff_ms: u64,
     max_segments: usize,
 ) -> Result<Option<super::AuditAnchor>, AuditError> {
-    let dir = dir_of(data_dir);
-    let segments = list(&dir).map_err(|source| AuditError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    let segments = list_of(data_dir)?;
     let mut anchor = None;
     let newest = segments.last().map(|(first, _)| *first);
     let candidates = segments
@@ -786,11 +765,7 @@ pub fn prune_plan(
 pub type FoundBlock = (PathBuf, u64, Vec<Vec<u8>>, usize);
 
 pub fn block_of(data_dir: &Path, seq: u64) -> Result<Option<FoundBlock>, AuditError> {
-    let dir = dir_of(data_dir);
-    let segments = list(&dir).map_err(|source| AuditError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    let segments = list_of(data_dir)?;
     let Some((_, path)) = segments.iter().rev().find(|(first, _)| *first <= seq) else {
         return Ok(None);
     };

@@ -872,13 +872,19 @@ fn open_sled_once(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageEr
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+/// fsyncs the directory `dir` (after files in it were made or removed).
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(|source| StorageError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+        .map_err(io_error(dir))
+}
+
+/// Maps an I/O error on `path` to [`StorageError::Io`].
+pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn check_format(
@@ -945,15 +951,8 @@ fn move_audit_to_segments(
 ) -> Result<(), StorageError> {
     use crate::audit::{blocks, segments, AuditError};
     let seg_dir = segments::dir_of(dir);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StorageError::Io {
-            path: path.clone(),
-            source,
-        }
-    };
-    for (_, path) in segments::list(&seg_dir).map_err(io(&seg_dir))? {
-        std::fs::remove_file(&path).map_err(io(&path))?;
+    for (_, path) in segments::list(&seg_dir).map_err(io_error(&seg_dir))? {
+        std::fs::remove_file(&path).map_err(io_error(&path))?;
     }
     let mut appender = segments::Appender::open(dir, None, segment_bytes)?;
     let mut blocks_moved = 0u64;
