@@ -1642,9 +1642,30 @@ mod tests {
         assert_eq!((v.first_seq, v.last_seq), (Some(1), Some(9)));
     }
 
+    /// Writes audit blocks of `sizes` records into sled as store format 2
+    /// kept them, each through `edit` first.
+    fn put_legacy_blocks(
+        db: &sled::Db,
+        chain: &mut Chain,
+        sizes: &[usize],
+        edit: impl Fn(&[u8; 9], &mut Vec<u8>),
+    ) {
+        for &n in sizes {
+            let mut w = crate::audit::blocks::BlockWriter::default();
+            for _ in 0..n {
+                let event = AuditEvent::new(crate::audit::EventKind::Ack, "council");
+                chain.append_to(event, 2, &mut w);
+            }
+            for (key, mut value) in w.finish() {
+                edit(&key, &mut value);
+                db.insert(key, value).unwrap();
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_version_2_store_has_its_audit_log_moved_into_segment_files() {
-        use crate::audit::{blocks, segments, EventKind};
+        use crate::audit::{segments, EventKind};
         let tmp = tempfile::tempdir().unwrap();
         let store = open(tmp.path());
         let seq = publish(&store, "t", &["a"], b"stored by version 2").await;
@@ -1660,15 +1681,7 @@ mod tests {
             let (seq, value) = chain.append(&AuditEvent::new(EventKind::Publish, "police"), 1);
             db.insert(keys::audit(seq), value).unwrap();
         }
-        for n in [3, 2] {
-            let mut w = blocks::BlockWriter::default();
-            for _ in 0..n {
-                chain.append_to(AuditEvent::new(EventKind::Ack, "council"), 2, &mut w);
-            }
-            for (key, value) in w.finish() {
-                db.insert(key, value).unwrap();
-            }
-        }
+        put_legacy_blocks(&db, &mut chain, &[3, 2], |_, _| {});
         db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
         drop(db);
@@ -1700,25 +1713,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_damaged_old_format_audit_log_is_moved_as_it_is_for_verify_to_name() {
-        use crate::audit::{blocks, EventKind};
         let tmp = tempfile::tempdir().unwrap();
         open(tmp.path()).close().await.unwrap();
         let db = open_sled(tmp.path(), 4 << 20, crate::audit::segments::SEGMENT_BYTES).unwrap();
         assert!(!crate::audit::segments::dir_of(tmp.path()).exists());
         let mut chain = Chain::load(&db, None, Duration::from_secs(86400)).unwrap();
-        for n in [2, 2, 2] {
-            let mut w = blocks::BlockWriter::default();
-            for _ in 0..n {
-                chain.append_to(AuditEvent::new(EventKind::Ack, "council"), 2, &mut w);
+        put_legacy_blocks(&db, &mut chain, &[2, 2, 2], |key, value| {
+            if *key == keys::audit_block(3) {
+                // The middle block cut short.
+                value.truncate(value.len() - 7);
             }
-            for (key, mut value) in w.finish() {
-                if key == keys::audit_block(3) {
-                    // The middle block cut short.
-                    value.truncate(value.len() - 7);
-                }
-                db.insert(key, value).unwrap();
-            }
-        }
+        });
         // And a key that names no record.
         db.insert([keys::AUDIT_BLOCK, 1, 2], &b"junk"[..]).unwrap();
         db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
@@ -1751,13 +1756,9 @@ mod tests {
         };
         let topics = ["t".to_string()];
         let subs = [("a".to_string(), "t".to_string())];
-        let store = Store::open(
-            tmp.path(),
-            options(Duration::from_secs(86400)),
-            &topics,
-            &subs,
-        )
-        .unwrap();
+        let open_with =
+            |retention| Store::open(tmp.path(), options(retention), &topics, &subs).unwrap();
+        let store = open_with(Duration::from_secs(86400));
         for _ in 0..20 {
             publish(&store, "t", &["a"], b"old").await;
         }
@@ -1768,13 +1769,7 @@ mod tests {
         assert!(before >= 10, "{before} segments");
 
         // Now every record is older than the retention.
-        let store = Store::open(
-            tmp.path(),
-            options(Duration::from_millis(1)),
-            &topics,
-            &subs,
-        )
-        .unwrap();
+        let store = open_with(Duration::from_millis(1));
         // A sweep prunes at most 16 segments, and looks again 50 ms later.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(60)).await;
