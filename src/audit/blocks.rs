@@ -114,18 +114,18 @@ pub fn decode_block(value: &[u8]) -> Option<Vec<&[u8]>> {
 
 /// The audit log as earlier versions (store format 2 and before) kept it in
 /// sled: single records under `a seq`, then blocks under `b first_seq`.
-/// Yields (key, first sequence number, block), singles as one-record
-/// blocks, in sequence order; read once, to move them into segments.
+/// Yields (first sequence number, block), singles as one-record blocks, in
+/// sequence order; read once, to move them into segments.
 pub(crate) fn legacy(
     tree: &sled::Db,
-) -> impl Iterator<Item = Result<(sled::IVec, u64, Vec<u8>), AuditError>> + '_ {
+) -> impl Iterator<Item = Result<(u64, Vec<u8>), AuditError>> + '_ {
     let singles = tree.scan_prefix([keys::AUDIT]).map(|item| {
         let (key, value) = item?;
-        Ok((key.clone(), seq_of(&key)?, encode_block(&[&value[..]])))
+        Ok((seq_of(&key)?, encode_block(&[&value[..]])))
     });
     let blocks = tree.scan_prefix([keys::AUDIT_BLOCK]).map(|item| {
         let (key, value) = item?;
-        Ok((key.clone(), seq_of(&key)?, value.to_vec()))
+        Ok((seq_of(&key)?, value.to_vec()))
     });
     singles.chain(blocks)
 }

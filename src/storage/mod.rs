@@ -968,7 +968,7 @@ fn move_audit_to_segments(
             );
         }
         let (first, block) = match item {
-            Ok((_, first, block)) => (first, block),
+            Ok(found) => found,
             Err(AuditError::Broken { problem, .. }) => {
                 // A key that names no record: nothing to move. Verification
                 // shows the records it held as missing.
