@@ -741,9 +741,8 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 
 /// `joinery usage`: the store's keys and bytes by kind, and its size on disk.
 fn usage(store: &joinery::audit::cli::StoreArgs, json: bool) -> anyhow::Result<()> {
-    let dir = store.dir()?;
     let started = Instant::now();
-    let db = store.open()?;
+    let (db, dir) = store.open()?;
     // A full scan: say how far it has got every few seconds.
     let mut said = started;
     let usage = joinery::storage::usage(&db, &dir, |read| {

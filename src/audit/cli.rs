@@ -85,9 +85,11 @@ impl StoreArgs {
         })
     }
 
-    /// Opens the store in [`StoreArgs::dir`] (a stopped broker's).
-    pub fn open(&self) -> Result<sled::Db, AuditCliError> {
-        Ok(storage::open_existing(&self.dir()?)?)
+    /// Opens the store in [`StoreArgs::dir`] (a stopped broker's): its sled
+    /// database, and the data directory it was found in.
+    pub fn open(&self) -> Result<(sled::Db, PathBuf), AuditCliError> {
+        let dir = self.dir()?;
+        Ok((storage::open_existing(&dir)?, dir))
     }
 }
 
@@ -95,8 +97,8 @@ impl StoreArgs {
 pub fn run(command: AuditCommand) -> Result<(), AuditCliError> {
     match command {
         AuditCommand::Verify { store } => {
-            let db = store.open()?;
-            let v = super::verify(&db, &store.dir()?)?;
+            let (db, dir) = store.open()?;
+            let v = super::verify(&db, &dir)?;
             match (v.first_seq, v.last_seq) {
                 (Some(first), Some(last)) => println!(
                     "audit log verified: {} records, {first} to {last}, {} bytes{}",
@@ -120,8 +122,7 @@ pub fn run(command: AuditCommand) -> Result<(), AuditCliError> {
                 Some(text) => parse_since(&text)?,
                 None => 0,
             };
-            let db = store.open()?;
-            let dir = store.dir()?;
+            let (db, dir) = store.open()?;
             let (mut writer, path): (Box<dyn Write>, PathBuf) = match &out {
                 Some(path) => (
                     Box::new(std::io::BufWriter::new(
