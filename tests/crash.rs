@@ -858,8 +858,9 @@ async fn crash_cycles(harness: &mut Harness) {
         let config = Config::load_str(&harness.config_text, Vec::<(String, String)>::new())
             .expect("test config");
         let data_dir = config.broker.data_dir.clone();
+        let store_dir = data_dir.clone();
         let store = tokio::task::spawn_blocking(move || {
-            let store = open_store(&data_dir, &config);
+            let store = open_store(&store_dir, &config);
             let mut found = Vec::new();
             for sub in [COUNCIL, FIRE] {
                 let state = store.subscription(sub).expect("subscription in store");
@@ -889,9 +890,6 @@ async fn crash_cycles(harness: &mut Harness) {
 
         // The audit log came through every SIGKILL whole: its chain
         // verifies, and every acknowledged publish has its record.
-        let config = Config::load_str(&harness.config_text, Vec::<(String, String)>::new())
-            .expect("test config");
-        let data_dir = config.broker.data_dir.clone();
         let audit = |verb: &str| {
             std::process::Command::new(env!("CARGO_BIN_EXE_joinery"))
                 .args(["audit", verb, "--data-dir"])
