@@ -251,6 +251,7 @@ impl Broker {
             max_batch: b.max_batch,
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
             audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
+            body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
             reports: config
                 .agencies
                 .iter()

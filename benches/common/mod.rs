@@ -30,6 +30,7 @@ pub fn open_store(
             max_batch: defaults.max_batch,
             audit_retention: Some(AUDIT_RETENTION),
             audit_segment_bytes: joinery::audit::segments::SEGMENT_BYTES,
+            body_segment_bytes: joinery::storage::bodies::SEGMENT_BYTES,
             reports: Vec::new(),
         },
         topics,

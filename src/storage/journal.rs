@@ -263,12 +263,12 @@ fn ops_of(lsn: u64, mut ops: &[u8]) -> Result<Vec<RecordOp<'_>>, StorageError> {
     Ok(out)
 }
 
-/// One record's ops as a sled batch (without audit blocks when they go to
-/// segments), then its lsn.
+/// One record's ops as a sled batch (without message bodies, nor audit
+/// blocks when they go to segments), then its lsn.
 fn batch_of(ops: &[RecordOp<'_>], lsn: u64, blocks_in_sled: bool) -> sled::Batch {
     let mut batch = sled::Batch::default();
     for &(key, value) in ops {
-        if !blocks_in_sled && keys::is_audit_block(key) {
+        if (!blocks_in_sled && keys::is_audit_block(key)) || keys::parse_body(key).is_some() {
             continue;
         }
         match value {
@@ -353,6 +353,16 @@ pub(super) fn recover(
             tail_moved = true;
         }
     }
+    // Message bodies: every one of the pass, at its place again (sled may
+    // hold a reference whose body the file lost), then the segments no
+    // live count names are removed.
+    let bodies = decoded.iter().flat_map(|(_, ops)| {
+        ops.iter().filter_map(|&(key, value)| {
+            let (segment, offset) = keys::parse_body(key)?;
+            Some((segment, offset, value?))
+        })
+    });
+    super::bodies::recover(dir, db, bodies)?;
     // The writer will write the journal over from its start: sled must hold
     // these records durably first, replayed or not (after a clean stop or a
     // kill, sled's last writes may still be only in the page cache).

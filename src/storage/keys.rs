@@ -36,6 +36,13 @@ pub const AUDIT_BLOCK: u8 = b'b';
 pub const AUDIT_ANCHOR: &[u8] = b"A";
 /// Durable end of the audit segments: `T` → [`crate::audit::segments::Tail`].
 pub const AUDIT_TAIL: &[u8] = b"T";
+/// Message body: `B segment(8) offset(8)` → the stored value of a message
+/// whose pending entry holds a [`super::bodies::BodyRef`]. Only in journal
+/// records: the flusher writes it to the segment file, never to sled.
+pub const BODY: u8 = b'B';
+/// Live count of a message segment: `L segment(8)` → bodies still
+/// referenced (u64); no key once none is.
+pub const BODY_LIVE: u8 = b'L';
 /// Registered schema package: `R <package>` → [`crate::schema::StoredPackage`].
 pub const SCHEMA: u8 = b'R';
 /// Last id handed out to a topic or subscription: `c` → id(4).
@@ -78,6 +85,36 @@ pub fn is_audit_block(key: &[u8]) -> bool {
 /// The sequence number in an audit key (`a seq` or `b first_seq`).
 pub fn audit_seq(key: &[u8]) -> Option<u64> {
     key.get(1..).and_then(be_u64)
+}
+
+pub fn body(segment: u64, offset: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = BODY;
+    key[1..9].copy_from_slice(&segment.to_be_bytes());
+    key[9..].copy_from_slice(&offset.to_be_bytes());
+    key
+}
+
+/// The segment and offset in a body key (`B segment offset`).
+pub fn parse_body(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != 17 || key[0] != BODY {
+        return None;
+    }
+    Some((be_u64(&key[1..9])?, be_u64(&key[9..])?))
+}
+
+pub fn body_live(segment: u64) -> [u8; 9] {
+    let mut key = audit(segment);
+    key[0] = BODY_LIVE;
+    key
+}
+
+/// The segment in a live-count key (`L segment`).
+pub fn body_live_segment(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != BODY_LIVE {
+        return None;
+    }
+    be_u64(&key[1..])
 }
 
 pub fn next_seq(topic: u32) -> [u8; 5] {

@@ -14,23 +14,30 @@
 //!
 //! A message with exactly one receiving subscription and no expiry-index
 //! entry (the common case: one owner, retention expiry) has no topic copy:
-//! it is stored **inline** in that subscription's pending entry, after its
-//! 12 bytes ([`Pending`]). Storing it is then one tree insert and acking it
-//! one removal, and reading it comes with the pending scan. Everything that
-//! reads a pending entry takes either form; a requeue keeps the inline
-//! message; a dead letter copies it as any other; a redrive puts it back
-//! as a topic copy.
+//! its body goes to a segment file ([`bodies`]) and that subscription's
+//! pending entry holds, after its 12 bytes, a 42-byte reference to it
+//! ([`Pending`], [`bodies::BodyRef`]). Storing it is then one small tree
+//! insert and acking it one removal, and sled never copies its bytes.
+//! Stores of formats 2 and 3 held such a message **inline** in the entry
+//! instead; those entries are still read. Everything that reads a pending
+//! entry takes any form; a requeue keeps the reference or inline message;
+//! a dead letter copies the message into sled as any other; a redrive puts
+//! it back as a topic copy.
 //!
 //! Expiry: a message whose expiry is its topic's retention (most of them)
 //! has no expiry-index entry; the sweep walks each topic's messages in
 //! sequence order, where expiry times only grow, and each subscription's
-//! pending entries the same way for the inline ones. Earlier expiries (an
+//! pending entries the same way for the ones without a topic copy (the
+//! reference keeps the head of the stored value, so the sweep reads no
+//! segment file until it finds an expired one). Earlier expiries (an
 //! envelope's `expires_at`) are in the expiry index (`x`).
 //!
-//! Audit records are not in sled: blocks of consecutive records travel in
-//! the journal and are appended to segment files
-//! ([`crate::audit::segments`]). sled rewrites a tree node on every insert,
-//! so the fewer keys a message costs, the faster the writer.
+//! Message bodies and audit records are not in sled: both travel in the
+//! journal and are written to segment files of their own once it is synced
+//! ([`bodies`]; [`crate::audit::segments`], in blocks of consecutive
+//! records). sled copies a tree node on every insert and writes every value
+//! into its log, so the fewer and smaller the keys a message costs, the
+//! faster the writer.
 //!
 //! Depth and dead-letter counts are kept per subscription (`k sub`), updated in
 //! the same batch as the entries they count, never computed by scanning.
@@ -58,6 +65,7 @@
 //! - Reads (`scan_pending`, `load_message`, ...) are blocking sled calls:
 //!   call them from `spawn_blocking`.
 
+pub mod bodies;
 mod journal;
 pub mod keys;
 mod operator;
@@ -130,6 +138,9 @@ pub struct StoreOptions {
     /// (pruning removes whole segments); normally
     /// [`crate::audit::segments::SEGMENT_BYTES`].
     pub audit_segment_bytes: u64,
+    /// Size past which a message segment is closed and the next begun
+    /// (normally [`bodies::SEGMENT_BYTES`]).
+    pub body_segment_bytes: u64,
     /// (agency, report topic, report subscription): where delivery reports
     /// about the agency's messages go.
     pub reports: Vec<(String, String, String)>,
@@ -418,6 +429,8 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<FlushStats>,
     audit_enabled: bool,
+    /// Reads message bodies from their segment files.
+    bodies: Arc<bodies::Reader>,
 }
 
 /// 2: pending entries may carry their message inline ([`Pending`]). A
@@ -425,8 +438,11 @@ struct Inner {
 /// 3: the audit log is in segment files ([`crate::audit::segments`]), not
 /// in sled. Opening a version 1 or 2 store moves its audit records there
 /// and marks it version 3, after which older builds refuse it.
-const FORMAT_VERSION: u32 = 3;
-const FORMAT_VERSIONS_READ: [u32; 3] = [1, 2, 3];
+/// 4: a message for one subscription has its body in a segment file
+/// ([`bodies`]), referenced from its pending entry. A version 3 store needs
+/// nothing moved (its inline entries are still read): it is marked 4.
+const FORMAT_VERSION: u32 = 4;
+const FORMAT_VERSIONS_READ: [u32; 4] = [1, 2, 3, 4];
 /// The first format whose audit log is in segment files.
 const FORMAT_SEGMENTS: u32 = 3;
 /// File beside sled's that marks a durably initialised store.
@@ -551,6 +567,7 @@ impl Store {
                 Some((agency.clone(), (topic, sub)))
             })
             .collect();
+        let reader = Arc::new(bodies::Reader::new(dir));
         let writer = writer::Writer::new(
             db.clone(),
             dir,
@@ -561,6 +578,7 @@ impl Store {
             stats.clone(),
             audit,
             reports,
+            reader.clone(),
         )?;
         let handle = std::thread::Builder::new()
             .name("joinery-writer".into())
@@ -578,6 +596,7 @@ impl Store {
                 writer: Mutex::new(Some(handle)),
                 stats,
                 audit_enabled,
+                bodies: reader,
             }),
         })
     }
@@ -691,35 +710,61 @@ impl Store {
         to: u64,
         limit: usize,
     ) -> Result<Vec<PendingRow>, StorageError> {
-        let mut out = Vec::new();
         if from > to {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         let range = keys::pending(sub.id, from)..=keys::pending(sub.id, to);
+        let mut entries = Vec::new();
         for item in self.inner.tree.range(range).take(limit) {
             let (key, value) = item?;
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            out.push(self.pending_row(sub, seq, &value)?);
+            entries.push((seq, value));
         }
-        Ok(out)
+        self.pending_rows_of(sub, &entries)
     }
 
-    /// A pending entry as stored, with its message: the inline one, else
+    /// Pending entries as stored, each with its message: inline, in a
+    /// segment file (bodies that lie one after another read together), else
     /// the topic copy. Blocking.
-    pub(crate) fn pending_row(
+    pub(crate) fn pending_rows_of(
         &self,
         sub: &SubState,
-        seq: u64,
-        value: &[u8],
-    ) -> Result<PendingRow, StorageError> {
-        let (pending, inline) = Pending::split(value)?;
-        let message = match inline {
-            Some(stored) => Some(Arc::new(StoredMessage::decode(sub.topic, seq, stored)?)),
-            None => self.load_message(sub.topic, seq)?,
-        };
-        Ok((seq, pending, message))
+        entries: &[(u64, sled::IVec)],
+    ) -> Result<Vec<PendingRow>, StorageError> {
+        let mut refs = Vec::new();
+        for (_, value) in entries {
+            if let (_, records::Body::Segment(body, _)) = Pending::split(value)? {
+                refs.push(body);
+            }
+        }
+        let mut read = self.inner.bodies.read(&refs)?.into_iter();
+        let mut out = Vec::with_capacity(entries.len());
+        for (seq, value) in entries {
+            let seq = *seq;
+            let (pending, body) = Pending::split(value)?;
+            let message = match body {
+                records::Body::Inline(stored) => {
+                    Some(Arc::new(StoredMessage::decode(sub.topic, seq, stored)?))
+                }
+                records::Body::Segment(body, _) => match read.next().flatten() {
+                    Some(stored) => Some(Arc::new(StoredMessage::decode(sub.topic, seq, &stored)?)),
+                    None => {
+                        warn!(
+                            seq,
+                            segment = body.segment,
+                            subscription = %sub.name,
+                            "a pending message's body is missing from its segment file"
+                        );
+                        None
+                    }
+                },
+                records::Body::TopicCopy => self.load_message(sub.topic, seq)?,
+            };
+            out.push((seq, pending, message));
+        }
+        Ok(out)
     }
 
     /// The message of `sub`'s pending entry `seq` (inline or the topic copy).
@@ -727,7 +772,7 @@ impl Store {
     pub(crate) fn pending_message(&self, sub: &str, seq: u64) -> Option<Arc<StoredMessage>> {
         let sub = self.subscription(sub)?;
         let value = self.inner.tree.get(keys::pending(sub.id, seq)).ok()??;
-        self.pending_row(&sub, seq, &value).ok()?.2
+        self.pending_rows_of(&sub, &[(seq, value)]).ok()?.pop()?.2
     }
 
     /// The topic copy of a message, if it is still stored (an inline
@@ -906,7 +951,12 @@ fn check_format(
             db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
             Ok(())
         }
-        Some(v) if keys::be_u32(&v) == Some(FORMAT_VERSION) => {
+        Some(v)
+            if keys::be_u32(&v).is_some_and(|v| (FORMAT_SEGMENTS..=FORMAT_VERSION).contains(&v)) =>
+        {
+            if keys::be_u32(&v) != Some(FORMAT_VERSION) {
+                db.insert(keys::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            }
             let leftovers = [keys::AUDIT, keys::AUDIT_BLOCK]
                 .iter()
                 .any(|p| db.scan_prefix([*p]).next().is_some());
@@ -1120,7 +1170,8 @@ pub fn open_existing(dir: &Path) -> Result<sled::Db, StorageError> {
     }
     let db = open_sled(dir, 16 << 20, crate::audit::segments::SEGMENT_BYTES)?;
     match format_of(&db)? {
-        Some(FORMAT_VERSION) => Ok(db),
+        // Format 3 differs from 4 only in what new writes look like.
+        Some(v) if v >= FORMAT_SEGMENTS && FORMAT_VERSIONS_READ.contains(&v) => Ok(db),
         Some(v) if FORMAT_VERSIONS_READ.contains(&v) => Err(StorageError::Corrupt {
             what: format!(
                 "{} holds a store of format {v}; start the broker on it once to upgrade it to format {FORMAT_VERSION}",
@@ -1150,6 +1201,10 @@ mod tests {
     }
 
     fn try_open(dir: &Path) -> Result<Store, StorageError> {
+        try_open_with(dir, crate::storage::bodies::SEGMENT_BYTES)
+    }
+
+    fn try_open_with(dir: &Path, body_segment_bytes: u64) -> Result<Store, StorageError> {
         Store::open(
             dir,
             StoreOptions {
@@ -1158,6 +1213,7 @@ mod tests {
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
+                body_segment_bytes,
                 reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],
@@ -1372,6 +1428,134 @@ mod tests {
         let store = open(tmp.path());
         let message = store.pending_message("a", again).unwrap();
         assert_eq!(&message.envelope[..], b"after restart");
+        store.close().await.unwrap();
+    }
+
+    fn segments_of(dir: &Path) -> Vec<u64> {
+        bodies::list(dir).unwrap()
+    }
+
+    fn envelopes(store: &Store, sub: &str) -> Vec<(u64, Vec<u8>)> {
+        let sub = store.subscription(sub).unwrap();
+        store
+            .scan_pending(&sub, 0, u64::MAX, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _, m)| (seq, m.unwrap().envelope.to_vec()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn message_bodies_live_in_segment_files_that_go_once_nothing_refers_to_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Stored values of these messages are 157 bytes: two to a segment.
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        let body = |i: u8| vec![i; 100];
+        for i in 1..=5 {
+            assert_eq!(publish(&store, "t", &["a"], &body(i)).await, u64::from(i));
+        }
+        assert_eq!(segments_of(tmp.path()), [0, 1, 2]);
+        assert_eq!(keys_of(&store, keys::MESSAGE), 0, "no topic copies");
+        let live = bodies::live_counts(store.db()).unwrap();
+        assert_eq!(
+            (live.get(&0), live.get(&1), live.get(&2)),
+            (Some(&2), Some(&2), Some(&1))
+        );
+        let all: Vec<(u64, Vec<u8>)> = (1..=5).map(|i| (u64::from(i), body(i))).collect();
+        assert_eq!(envelopes(&store, "a"), all);
+
+        // Segment 0 goes with its last body; segment 2, still being
+        // written, stays even when nothing in it is pending.
+        ack(&store, "a", 1).await;
+        assert_eq!(segments_of(tmp.path()), [0, 1, 2]);
+        ack(&store, "a", 2).await;
+        assert_eq!(segments_of(tmp.path()), [1, 2]);
+        ack(&store, "a", 5).await;
+        assert_eq!(segments_of(tmp.path()), [1, 2]);
+        assert!(!bodies::live_counts(store.db()).unwrap().contains_key(&2));
+
+        // The next body still fits in segment 2.
+        assert_eq!(publish(&store, "t", &["b"], &body(6)).await, 6);
+        let b = store.subscription("b").unwrap();
+        assert_eq!(segments_of(tmp.path()), [1, 2]);
+
+        // After a restart writing goes on in a new segment, and every body
+        // reads back.
+        store.close().await.unwrap();
+        drop(store);
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        assert_eq!(segments_of(tmp.path()), [1, 2]);
+        assert_eq!(publish(&store, "t", &["a"], &body(7)).await, 7);
+        assert_eq!(segments_of(tmp.path()), [1, 2, 3]);
+        assert_eq!(
+            envelopes(&store, "a"),
+            [(3, body(3)), (4, body(4)), (7, body(7))]
+        );
+        let b = store.subscription(&b.name).unwrap();
+        let event = AuditEvent::new(crate::audit::EventKind::Purge, "ops");
+        let purged = store
+            .purge_chunk(b, store.topic("t").unwrap(), 100, event, true)
+            .await
+            .unwrap();
+        // A purge releases the bodies of the entries it removes.
+        assert_eq!(purged, 1);
+        assert_eq!(segments_of(tmp.path()), [1, 3]);
+        store.close().await.unwrap();
+        drop(store);
+
+        // A damaged body is an error, not another message.
+        let path = bodies::segment_path(tmp.path(), 1);
+        let mut data = std::fs::read(&path).unwrap();
+        data[120] ^= 0xFF;
+        std::fs::write(&path, data).unwrap();
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        let a = store.subscription("a").unwrap();
+        let err = store.scan_pending(&a, 0, u64::MAX, 10).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_3_store_with_inline_messages_is_read_and_marked_version_4() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let seq = publish(&store, "t", &["a"], b"inline in version 3").await;
+        let later = publish(&store, "t", &["a"], b"in a segment").await;
+        let a = store.subscription("a").unwrap();
+        // As version 3 stored the first: the value after the entry's fields.
+        let value = StoredMessage::encode_value(
+            MessageHeader {
+                publish_ms: now_ms(),
+                expires_ms: 0,
+                digest: &[0; 32],
+                message_id: "m",
+                message_type: "t.T",
+                expiry_by_order: false,
+            },
+            b"inline in version 3",
+        );
+        let inline = Pending::default().encode_inline(&value);
+        store.db().insert(keys::pending(a.id, seq), inline).unwrap();
+        store
+            .db()
+            .insert(keys::FORMAT, &3u32.to_be_bytes())
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = open(tmp.path());
+        let version = store.db().get(keys::FORMAT).unwrap().unwrap();
+        assert_eq!(keys::be_u32(&version), Some(FORMAT_VERSION));
+        assert_eq!(
+            envelopes(&store, "a"),
+            [
+                (seq, b"inline in version 3".to_vec()),
+                (later, b"in a segment".to_vec())
+            ]
+        );
+        ack(&store, "a", seq).await;
+        ack(&store, "a", later).await;
+        assert_eq!(store.subscription("a").unwrap().depth(), 0);
         store.close().await.unwrap();
     }
 
@@ -1604,6 +1788,11 @@ mod tests {
         for _ in 0..3 {
             publish(&store, "t", &["a", "b"], b"after").await;
         }
+        // A body in a segment file the copy below does not have.
+        assert_eq!(
+            publish(&store, "t", &["a"], b"only in the journal").await,
+            7
+        );
         let sub = store.subscription("a").unwrap();
         let topic = store.topic("t").unwrap();
         let message = store.pending_message("a", 1).unwrap();
@@ -1625,21 +1814,23 @@ mod tests {
 
         let store = open(&lost);
         let a = store.subscription("a").unwrap();
-        assert_eq!(a.depth(), 5);
+        assert_eq!(a.depth(), 6);
         assert_eq!(store.subscription("b").unwrap().depth(), 3);
         let rows = store.scan_pending(&a, 0, 10, 10).unwrap();
         assert_eq!(
             rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-            [2, 3, 4, 5, 6]
+            [2, 3, 4, 5, 6, 7]
         );
-        assert_eq!(publish(&store, "t", &["a"], b"next").await, 7);
+        let replayed = rows[5].2.as_ref().unwrap();
+        assert_eq!(&replayed.envelope[..], b"only in the journal");
+        assert_eq!(publish(&store, "t", &["a"], b"next").await, 8);
         store.close().await.unwrap();
         drop(store);
-        // The audit chain is whole: three publishes, then the peek, three
+        // The audit chain is whole: three publishes, then the peek, four
         // publishes and the ack from the journal, then the last publish.
         let db = open_existing(&lost).unwrap();
         let v = crate::audit::verify(&db, &lost).unwrap();
-        assert_eq!((v.first_seq, v.last_seq), (Some(1), Some(9)));
+        assert_eq!((v.first_seq, v.last_seq), (Some(1), Some(10)));
     }
 
     /// Writes audit blocks of `sizes` records into sled as store format 2
@@ -1752,6 +1943,7 @@ mod tests {
             audit_retention: Some(retention),
             // About one publish record per segment.
             audit_segment_bytes: 64,
+            body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
             reports: Vec::new(),
         };
         let topics = ["t".to_string()];
@@ -1804,6 +1996,7 @@ mod tests {
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
+                body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string()],
@@ -1826,6 +2019,7 @@ mod tests {
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
+                body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],

@@ -144,13 +144,13 @@ impl Store {
         sub: &SubState,
         sequences: &[u64],
     ) -> Result<Vec<PendingRow>, StorageError> {
-        let mut out = Vec::new();
+        let mut entries = Vec::new();
         for &seq in sequences {
             if let Some(value) = self.inner.tree.get(keys::pending(sub.id, seq))? {
-                out.push(self.pending_row(sub, seq, &value)?);
+                entries.push((seq, value));
             }
         }
-        Ok(out)
+        self.pending_rows_of(sub, &entries)
     }
 }
 
@@ -172,6 +172,7 @@ mod tests {
                 max_batch: 16,
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
+                body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
                 reports: Vec::new(),
             },
             &["t".to_string()],

@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 
+use super::bodies::BodyRef;
 use super::StorageError;
 
 const FORMAT_V1: u8 = 1;
@@ -195,13 +196,29 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Where a pending entry's message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body<'a> {
+    /// The topic copy (`m topic seq`).
+    TopicCopy,
+    /// Inline: the stored value follows the entry (written by store
+    /// formats 2 and 3, still read).
+    Inline(&'a [u8]),
+    /// In a segment file ([`super::bodies`]), with the head of its stored
+    /// value (enough for [`StoredMessage::expires_ms_of`] and
+    /// [`StoredMessage::expiry_by_order_of`]).
+    Segment(BodyRef, &'a [u8]),
+}
+
 /// A subscription's pending entry: the message is neither acked nor dead-lettered.
 ///
 /// Stored as its [`Pending::LEN`] bytes when the message is the topic copy
-/// (`m topic seq`), or followed by the message's stored value when it is
-/// **inline**: a message published to exactly one subscription (and with
-/// no expiry-index entry) lives in that subscription's pending entry, so
-/// it costs one tree key to store and one to ack instead of two and two.
+/// (`m topic seq`), or followed by a [`BodyRef`] to the message's body in a
+/// segment file ([`super::bodies`]): a message published to exactly one
+/// subscription (and with no expiry-index entry) has no topic copy, so it
+/// costs one tree key to store and one to ack instead of two and two, and
+/// its bytes stay out of sled. Stores of formats 2 and 3 hold such messages
+/// **inline** instead, their stored value after the entry; both are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pending {
     /// Deliveries known to have been made (persisted on redelivery and nack).
@@ -232,18 +249,38 @@ impl Pending {
         })
     }
 
-    /// Whether a stored entry carries its message (inline).
+    /// Whether the entry carries its message (inline or a reference to a
+    /// segment file), so that there is no topic copy.
     pub fn is_inline(value: &[u8]) -> bool {
         value.len() > Self::LEN
     }
 
-    /// The entry, and the stored message value it carries when inline.
-    pub fn split(value: &[u8]) -> Result<(Self, Option<&[u8]>), StorageError> {
+    /// The entry, and where its message is.
+    pub fn split(value: &[u8]) -> Result<(Self, Body<'_>), StorageError> {
         let pending = Self::decode(value)?;
-        Ok((
-            pending,
-            value.get(Self::LEN..).filter(|_| Self::is_inline(value)),
-        ))
+        let body = match value.get(Self::LEN..) {
+            Some(tail) if !tail.is_empty() => match BodyRef::decode(tail) {
+                Some((body, head)) => Body::Segment(body, head),
+                None => Body::Inline(tail),
+            },
+            _ => Body::TopicCopy,
+        };
+        Ok((pending, body))
+    }
+
+    /// The reference to the message's body in a segment file, if the entry
+    /// holds one.
+    pub fn body_ref(value: &[u8]) -> Option<BodyRef> {
+        BodyRef::decode(value.get(Self::LEN..)?).map(|(body, _)| body)
+    }
+
+    /// The entry followed by a reference to its message's body, stored as
+    /// `message` (the stored value, of which the head is kept).
+    pub fn encode_ref(&self, body: &BodyRef, message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN + BodyRef::ENCODED);
+        out.extend_from_slice(&self.encode());
+        body.encode_into(message, &mut out);
+        out
     }
 
     /// The entry followed by the stored message value `message` (inline).

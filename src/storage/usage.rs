@@ -58,12 +58,17 @@ fn kind_of(first: u8) -> (&'static str, bool) {
         _ if first == keys::AUDIT_ANCHOR[0] => ("audit anchor", true),
         _ if first == keys::AUDIT_TAIL[0] => ("audit log's recorded end", true),
         keys::SCHEMA => ("schema packages", false),
+        keys::BODY_LIVE => ("message segments' live counts", false),
         _ => ("store metadata", false),
     }
 }
 
 const PENDING_INLINE: &str = "pending entries holding their message";
 const PENDING_PLAIN: &str = "pending entries";
+const PENDING_REF: &str = "pending entries referring to a message segment";
+/// The message segments' row: `keys` counts the bodies pending entries
+/// refer to, `bytes` their length.
+const BODY_SEGMENTS: &str = "message bodies in segment files";
 /// The audit segments' row: `keys` counts records, `bytes` their frames.
 const AUDIT_SEGMENTS: &str = "audit records in segment files";
 
@@ -81,6 +86,8 @@ pub fn usage(
     let mut kinds: Vec<KindUsage> = Vec::new();
     let mut usage = Usage::default();
     let mut read = 0u64;
+    // Bodies in segment files that pending entries refer to, and their bytes.
+    let (mut bodies, mut body_bytes) = (0u64, 0u64);
     for item in db.iter() {
         let (key, value) = item?;
         read += 1;
@@ -89,6 +96,13 @@ pub fn usage(
         }
         let bytes = (key.len() + value.len()) as u64;
         let (kind, audit) = match key.first() {
+            Some(&keys::PENDING) if Pending::body_ref(&value).is_some() => {
+                if let Some(body) = Pending::body_ref(&value) {
+                    bodies += 1;
+                    body_bytes += u64::from(body.len);
+                }
+                (PENDING_REF, false)
+            }
             Some(&keys::PENDING) if Pending::is_inline(&value) => (PENDING_INLINE, false),
             Some(&keys::PENDING) => (PENDING_PLAIN, false),
             Some(&first) => kind_of(first),
@@ -111,6 +125,16 @@ pub fn usage(
             usage.queue_bytes += bytes;
         }
         usage.live_bytes += bytes;
+    }
+    // The message segment files: one row, counting referenced bodies.
+    if bodies > 0 {
+        kinds.push(KindUsage {
+            kind: BODY_SEGMENTS,
+            keys: bodies,
+            bytes: body_bytes,
+        });
+        usage.queue_bytes += body_bytes;
+        usage.live_bytes += body_bytes;
     }
     // The audit log's segment files: one row, counting records.
     let (records, bytes) =
@@ -164,6 +188,15 @@ mod tests {
         db.insert(keys::pending(1, 2), inline.clone()).unwrap();
         db.insert(keys::pending(2, 1), &Pending::default().encode()[..])
             .unwrap();
+        // A body of 400 bytes in a segment file.
+        let body = crate::storage::bodies::BodyRef {
+            segment: 0,
+            offset: 0,
+            len: 400,
+            crc: 0,
+        };
+        let referring = Pending::default().encode_ref(&body, &[1u8; 400]);
+        db.insert(keys::pending(2, 2), referring.clone()).unwrap();
         db.insert(keys::message(1, 1), &[1u8; 50][..]).unwrap();
         db.insert(keys::audit_block(1), &[2u8; 300][..]).unwrap();
         db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
@@ -189,6 +222,15 @@ mod tests {
             })
         );
         assert_eq!(row(PENDING_PLAIN).map(|r| (r.keys, r.bytes)), Some((1, 25)));
+        let ref_bytes = 13 + referring.len() as u64;
+        assert_eq!(
+            row(PENDING_REF).map(|r| (r.keys, r.bytes)),
+            Some((1, ref_bytes))
+        );
+        assert_eq!(
+            row(BODY_SEGMENTS).map(|r| (r.keys, r.bytes)),
+            Some((1, 400))
+        );
         assert_eq!(
             row("topic copies of messages").map(|r| r.bytes),
             Some(13 + 50)
@@ -200,7 +242,10 @@ mod tests {
             Some((2, 2 * 104 + 16))
         );
         assert_eq!(u.audit_bytes, 309 + 224);
-        assert_eq!(u.queue_bytes, inline_bytes + 25 + 63 + 1 + 4);
+        assert_eq!(
+            u.queue_bytes,
+            inline_bytes + 25 + ref_bytes + 400 + 63 + 1 + 4
+        );
         assert_eq!(u.live_bytes, u.queue_bytes + u.audit_bytes);
         assert!(u.sled_bytes_on_disk > 0);
         assert!(u.dir_bytes_on_disk >= u.sled_bytes_on_disk / 2);

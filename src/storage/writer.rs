@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
+use super::bodies::{self, BodyRef};
 use super::journal::{self, Changes};
 use super::keys;
-use super::records::{DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
+use super::records::{Body, DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 use super::{
     now_ms, FlushStats, Op, Outcome, Published, StorageError, StoreOptions, SubState, TopicState,
 };
@@ -88,6 +89,16 @@ pub(super) struct Writer {
     /// Per subscription, the sequence of the last message stored for it
     /// by this process (see [`super::Fresh`]).
     last_stored: HashMap<u32, u64>,
+    /// Where the next message body goes.
+    placer: bodies::Placer,
+    /// The segment being written when the last group was finished: the
+    /// ones before it that nothing references are removed.
+    placing: u64,
+    /// Per message segment, its bodies still referenced as of the groups
+    /// built so far (absent: none).
+    live: HashMap<u64, u64>,
+    /// Reads bodies for the expiry sweep.
+    bodies: Arc<bodies::Reader>,
 }
 
 /// State of one group commit being built.
@@ -113,6 +124,9 @@ struct Group {
     /// (its anchor is in `changes`).
     prune_audit_before: Option<u64>,
     publishes: u64,
+    /// Per message segment, bodies referenced by the group's entries less
+    /// those released.
+    body_deltas: HashMap<u64, i64>,
 }
 
 impl Group {
@@ -127,6 +141,11 @@ impl Group {
 
     fn del(&mut self, key: &[u8]) {
         self.changes.insert(key.to_vec(), None);
+    }
+
+    /// A pending entry whose body is in `segment` is gone.
+    fn release_body(&mut self, segment: u64) {
+        *self.body_deltas.entry(segment).or_default() -= 1;
     }
 
     fn delta(&mut self, sub: &Arc<SubState>, depth: i64, dead: i64) {
@@ -149,6 +168,7 @@ impl Writer {
         stats: Arc<FlushStats>,
         audit: Option<Chain>,
         reports: HashMap<String, (Arc<TopicState>, Arc<SubState>)>,
+        reader: Arc<bodies::Reader>,
     ) -> Result<Self, StorageError> {
         let path = dir.join("db");
         let db_file = std::fs::File::open(&path).map_err(|source| StorageError::Io {
@@ -156,10 +176,19 @@ impl Writer {
             source,
         })?;
         let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
+        let options_body_segment_bytes = options.body_segment_bytes;
         let lsn = journal::applied_lsn(&db)?;
         let failure = Failure::default();
         let progress = Arc::new(Progress::new(lsn));
         let audit_tail = audit::segments::read_tail(&db)?;
+        // Writing begins in a segment of its own, past every one in use or
+        // on disk (what a crash left of the last is never appended to).
+        let live = bodies::live_counts(&db)?;
+        let first_segment = bodies::list(dir)?
+            .into_iter()
+            .chain(live.keys().copied())
+            .max()
+            .map_or(0, |last| last + 1);
         let flusher = Flusher {
             db: db.clone(),
             progress: progress.clone(),
@@ -175,6 +204,8 @@ impl Writer {
             failed: failure.clone(),
             synced_blobs: HashSet::new(),
             blobs_listed_at: None,
+            bodies: bodies::Files::new(dir),
+            reader: reader.clone(),
         };
         // Room for one group being flushed and one more waiting: beyond that
         // the writer waits, and ops pile up into bigger groups meanwhile.
@@ -211,6 +242,10 @@ impl Writer {
             unapplied: VecDeque::new(),
             progress,
             last_stored: HashMap::new(),
+            placer: bodies::Placer::new(first_segment, options_body_segment_bytes),
+            placing: first_segment,
+            live,
+            bodies: reader,
         })
     }
 
@@ -366,11 +401,11 @@ impl Writer {
     }
 
     /// Whether the pending entry `key` is stored (None: it is not), and
-    /// whether it carries its message inline.
-    fn pending_state(&self, group: &Group, key: &[u8]) -> Result<Option<bool>, StorageError> {
+    /// what of its message it carries.
+    fn pending_state(&self, group: &Group, key: &[u8]) -> Result<Option<EntryState>, StorageError> {
         match self.unapplied(group, key) {
-            Some(value) => Ok(value.map(Pending::is_inline)),
-            None => Ok(self.db.get(key)?.map(|value| Pending::is_inline(&value))),
+            Some(value) => Ok(value.map(EntryState::of)),
+            None => Ok(self.db.get(key)?.map(|value| EntryState::of(&value))),
         }
     }
 
@@ -481,11 +516,24 @@ impl Writer {
                 None
             };
             let indexed_expiry = header.expires_ms != 0 && !header.expiry_by_order;
-            // One receiver and no expiry-index entry: the message lives in
-            // its pending entry (see [`Pending`]).
+            // One receiver and no expiry-index entry: no topic copy; the
+            // body goes to a segment file and its pending entry refers to
+            // it (see [`Pending`]).
             let inline = targets.len() == 1 && !indexed_expiry;
-            let mut inline_entry = inline.then(|| Pending::default().encode_inline(&value));
-            if !inline {
+            let mut inline_entry = None;
+            if inline {
+                let (segment, offset) = self.placer.place(value.len());
+                let body = BodyRef {
+                    segment,
+                    offset,
+                    // Messages are bounded by `max_message_bytes`, far below 4 GiB.
+                    len: value.len() as u32,
+                    crc: crc32fast::hash(&value),
+                };
+                inline_entry = Some(Pending::default().encode_ref(&body, &value));
+                *group.body_deltas.entry(segment).or_default() += 1;
+                group.put_owned(&keys::body(segment, offset), value);
+            } else {
                 group.put_owned(&keys::message(topic, seq), value);
             }
             let empty = Pending::default().encode();
@@ -598,10 +646,13 @@ impl Writer {
     ) -> Result<(), StorageError> {
         let seq = message.seq;
         let key = keys::pending(sub.id, seq);
-        let Some(inline) = self.pending_state(group, &key)? else {
+        let Some(entry) = self.pending_state(group, &key)? else {
             return Ok(()); // already settled (e.g. expired and acked at once)
         };
         group.del(&key);
+        if let Some(segment) = entry.segment {
+            group.release_body(segment);
+        }
         let mut event = match outcome {
             Outcome::Ack => AuditEvent::new(EventKind::Ack, agency),
             Outcome::DeadLetter { reason, attempts } => {
@@ -638,7 +689,7 @@ impl Writer {
                 self.report(group, message, topic, sub, &owner, reason, attempts, now);
             }
         }
-        if inline {
+        if entry.own_copy {
             return Ok(()); // no topic copy to release
         }
         self.release(group, sub.id, topic, seq, Some(message))
@@ -792,6 +843,7 @@ impl Writer {
         now: u64,
         mut budget: usize,
     ) -> Result<(), StorageError> {
+        let bodies = self.bodies.clone();
         let topics: Vec<Arc<TopicState>> = self
             .topics
             .values()
@@ -827,15 +879,26 @@ impl Writer {
                             Some(Some(newer)) => Cow::Owned(newer.to_vec()),
                             None => Cow::Borrowed(value),
                         };
-                        let (_, Some(stored)) = Pending::split(&value)? else {
-                            return Ok(Walk::Past);
+                        let (head, body) = match Pending::split(&value)?.1 {
+                            Body::TopicCopy => return Ok(Walk::Past),
+                            Body::Inline(stored) => (stored, None),
+                            Body::Segment(body, head) => (head, Some(body)),
                         };
-                        match expired_by_order(stored, now) {
+                        match expired_by_order(head, now) {
                             Some(false) => return Ok(Walk::Stop),
                             Some(true) => {
-                                let message = StoredMessage::decode(topic.id, seq, stored)?;
-                                sub.push_expired(Arc::new(message));
-                                group.woken.insert(sub.id, sub.clone());
+                                let stored = match body {
+                                    None => Some(Cow::Borrowed(head)),
+                                    Some(body) => bodies.read_one(body)?.map(Cow::Owned),
+                                };
+                                // A body whose file is gone cannot be
+                                // delivered either: the dispatcher drops
+                                // its entry when it reads it.
+                                if let Some(stored) = stored {
+                                    let message = StoredMessage::decode(topic.id, seq, &stored)?;
+                                    sub.push_expired(Arc::new(message));
+                                    group.woken.insert(sub.id, sub.clone());
+                                }
                             }
                             None => {}
                         }
@@ -871,6 +934,7 @@ impl Writer {
             audit,
             prune_audit_before,
             fresh,
+            body_deltas,
             ..
         } = group;
         let mut put = |key: &[u8], value: &[u8]| {
@@ -892,6 +956,34 @@ impl Writer {
             put(&keys::counters(sub.id), &value);
             counts.push((sub, depth, dead));
         }
+        // Live counts of the message segments the group touched; a segment
+        // nothing references any more goes once the group is applied, unless
+        // bodies are still being placed in it.
+        let mut remove_segments = Vec::new();
+        for (segment, delta) in body_deltas {
+            let count = apply_delta(self.live.get(&segment).copied().unwrap_or(0), delta);
+            if count == 0 {
+                self.live.remove(&segment);
+                changes.insert(keys::body_live(segment).to_vec(), None);
+                if segment < self.placer.segment {
+                    remove_segments.push(segment);
+                }
+            } else {
+                self.live.insert(segment, count);
+                changes.insert(
+                    keys::body_live(segment).to_vec(),
+                    Some(count.to_be_bytes().to_vec()),
+                );
+            }
+        }
+        // Segments the placer has moved past since the last group: those
+        // emptied while they were being written go now.
+        for segment in self.placing..self.placer.segment {
+            if !self.live.contains_key(&segment) && !remove_segments.contains(&segment) {
+                remove_segments.push(segment);
+            }
+        }
+        self.placing = self.placer.segment;
         let record = if changes.is_empty() || self.failed.is_some() {
             None
         } else {
@@ -918,6 +1010,7 @@ impl Writer {
             publishes,
             needs_flush,
             prune_audit_before,
+            remove_segments,
         };
         if let Some(reason) = &self.failed {
             applied.refuse(reason);
@@ -951,6 +1044,24 @@ impl Writer {
             let reason = "the flusher thread stopped".to_string();
             applied.refuse(&reason);
             self.failed.get_or_insert(reason);
+        }
+    }
+}
+
+/// What a pending entry carries of its message.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct EntryState {
+    /// The message is inline or in a segment file: there is no topic copy.
+    pub own_copy: bool,
+    /// The segment file holding its body.
+    pub segment: Option<u64>,
+}
+
+impl EntryState {
+    pub(super) fn of(value: &[u8]) -> Self {
+        Self {
+            own_copy: Pending::is_inline(value),
+            segment: Pending::body_ref(value).map(|body| body.segment),
         }
     }
 }

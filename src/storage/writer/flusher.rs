@@ -55,6 +55,8 @@ pub(super) struct Applied {
     pub needs_flush: bool,
     /// Audit segments before this record go once the group is durable.
     pub prune_audit_before: Option<u64>,
+    /// Message segments nothing references once the group is applied.
+    pub remove_segments: Vec<u64>,
 }
 
 impl Applied {
@@ -226,6 +228,10 @@ pub(super) struct Flusher {
     pub synced_blobs: HashSet<std::ffi::OsString>,
     /// Modification time of `blobs/` when it was last listed in full.
     pub blobs_listed_at: Option<std::time::SystemTime>,
+    /// The message segment files: the groups' bodies go there.
+    pub bodies: crate::storage::bodies::Files,
+    /// The readers' open segments, closed as segments are removed.
+    pub reader: Arc<crate::storage::bodies::Reader>,
 }
 
 /// How old the `blobs/` folder's modification time must be when a listing
@@ -262,6 +268,22 @@ impl Flusher {
             debug!(publishes, groups = groups.len(), micros, "group commit");
         }
         let prune = groups.iter().filter_map(|g| g.prune_audit_before).max();
+        let emptied: Vec<u64> = groups
+            .iter()
+            .flat_map(|g| g.remove_segments.iter().copied())
+            .collect();
+        if !emptied.is_empty() && result.is_ok() {
+            // Applied: no entry refers to them (so what was acked has freed
+            // its space by the time it is answered). A crash before the
+            // next checkpoint may bring one back from the journal; the
+            // next open removes it again (it has no live count).
+            self.reader.forget(&emptied);
+            match self.bodies.remove(&emptied) {
+                Ok(()) => debug!(segments = emptied.len(), "message segments removed"),
+                // Left behind, it has no live count: the next open removes it.
+                Err(e) => warn!(cause = %e, "removing emptied message segments failed"),
+            }
+        }
         for group in groups {
             answer(group, &result);
         }
@@ -284,7 +306,7 @@ impl Flusher {
         self.journal
             .append(records().map(|(lsn, changes)| (*lsn, &**changes)))?;
         for (lsn, changes) in records() {
-            apply(&self.db, &mut self.audit, changes, *lsn)?;
+            apply(&self.db, &mut self.audit, &mut self.bodies, changes, *lsn)?;
         }
         self.audit.write()?;
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
@@ -304,6 +326,9 @@ impl Flusher {
         if let Some(tail) = self.audit.sync()? {
             crate::audit::segments::record_tail(&self.db, &tail)?;
         }
+        // The message bodies too: sled's references to them become durable
+        // with its flush, and the journal that holds them is written over.
+        self.bodies.sync()?;
         self.db.flush()?;
         self.db_file
             .sync_data()
@@ -383,7 +408,7 @@ impl Flusher {
 
 /// Applies a durable group's writes to sled as single-key operations, then
 /// its journal lsn; its audit blocks go to the segment files instead
-/// (buffered, written by the caller).
+/// (buffered, written by the caller), and its message bodies to theirs.
 ///
 /// Not a `sled::Batch`: sled writes out its log buffer at the start of every
 /// batch (two `pwrite` + `sync_file_range` rounds on its I/O threads per
@@ -397,12 +422,23 @@ impl Flusher {
 fn apply(
     db: &sled::Db,
     audit: &mut crate::audit::segments::Appender,
+    bodies: &mut crate::storage::bodies::Files,
     changes: &Changes,
     lsn: u64,
 ) -> Result<(), StorageError> {
+    // Bodies first, written together: each is in its file before the
+    // pending entry that refers to it is in sled.
+    for (key, value) in changes.range(vec![keys::BODY]..vec![keys::BODY + 1]) {
+        if let (Some((segment, offset)), Some(value)) = (keys::parse_body(key), value) {
+            bodies.write(segment, offset, value)?;
+        }
+    }
+    bodies.flush()?;
     for (key, value) in changes {
         let Some(value) = value else { continue };
-        if keys::is_audit_block(key) {
+        if keys::parse_body(key).is_some() {
+            continue;
+        } else if keys::is_audit_block(key) {
             let first = keys::audit_seq(key).ok_or_else(|| StorageError::Corrupt {
                 what: "an audit block's key".into(),
             })?;
@@ -465,6 +501,8 @@ mod tests {
             failed: Failure::default(),
             synced_blobs: HashSet::new(),
             blobs_listed_at: None,
+            bodies: crate::storage::bodies::Files::new(&dir.join("store")),
+            reader: Arc::new(crate::storage::bodies::Reader::new(&dir.join("store"))),
         }
     }
 

@@ -9,7 +9,7 @@ use std::ops::Bound;
 use super::super::operator::{PurgeOp, RedriveOp, Redriven};
 use super::super::records::{DeadLetter, MessageHeader, Pending, StoredMessage};
 use super::super::{keys, StorageError, SubState, TopicState};
-use super::{Group, Writer};
+use super::{EntryState, Group, Writer};
 
 impl Writer {
     pub(super) fn redrive(
@@ -169,13 +169,13 @@ impl Writer {
     ) -> Result<u64, StorageError> {
         let prefix = keys::pending_prefix(sub.id);
         // Entries written earlier in this batch are not in the tree yet.
-        // seq → whether its message is inline (then there is no topic copy).
-        let mut doomed: BTreeMap<u64, bool> = group
+        // seq → what of its message the entry carries.
+        let mut doomed: BTreeMap<u64, EntryState> = group
             .changes
             .range::<[u8], _>((Bound::Included(&prefix[..]), Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(&prefix))
             .filter_map(|(key, value)| {
-                Some((keys::seq_of(key)?, Pending::is_inline(value.as_deref()?)))
+                Some((keys::seq_of(key)?, EntryState::of(value.as_deref()?)))
             })
             .collect();
         let mut from_tree = 0;
@@ -190,13 +190,16 @@ impl Writer {
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            doomed.insert(seq, Pending::is_inline(&value));
+            doomed.insert(seq, EntryState::of(&value));
             from_tree += 1;
         }
         let removed = doomed.len() as u64;
-        for (seq, inline) in doomed {
+        for (seq, entry) in doomed {
             group.del(&keys::pending(sub.id, seq));
-            if !inline {
+            if let Some(segment) = entry.segment {
+                group.release_body(segment);
+            }
+            if !entry.own_copy {
                 self.release(group, sub.id, topic, seq, None)?;
             }
         }

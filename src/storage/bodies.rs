@@ -1,0 +1,576 @@
+//! Message bodies in segment files, out of sled's tree.
+//!
+//! sled 0.34 copies a leaf node on every insert and removal, and writes
+//! every value it is given into its log, so the bytes of a message stored in
+//! the tree cost far more CPU than its 40-byte reference. A message with one
+//! receiving subscription therefore lives in `messages/<segment>.seg`, and its
+//! pending entry holds a [`BodyRef`]: segment, offset, length, CRC-32 and
+//! the first [`HEAD`] bytes of the stored value (its format, publish and
+//! expiry times), so the expiry sweep never reads the file.
+//!
+//! # Write path
+//! The writer thread places each body ([`Placer`]): the segment and offset
+//! are fixed when the group is built, so the pending entry can name them.
+//! The body travels in the group's journal record under `B segment offset`
+//! (never applied to sled). Once that record is synced, the flusher writes
+//! the body at its place with `pwrite` ([`Files`]) before it applies the
+//! group's sled writes, so no reference is readable before its body.
+//!
+//! # Durability and recovery
+//! - A checkpoint fdatasyncs every segment written since the last one (and
+//!   the folder, when a file was made) before sled's own flush; the journal
+//!   starts a new pass only after that. So a body is always either in a
+//!   synced segment or in the journal's current pass.
+//! - At open, every body of the journal's pass is written again at its
+//!   place (idempotent: the same bytes at the same offset), whether or not
+//!   sled had its group, and the files synced. Nothing after the last
+//!   checkpoint is trusted from the files.
+//!
+//! # Space
+//! Each segment has a live count in sled (`L segment` → count), updated in
+//! the same group as the pending entries that reference it. A segment is
+//! removed once its count is zero and the writer has moved on to a later
+//! one, after the group that emptied it is durable and applied. At open,
+//! segment files with no live count (emptied, or brought back by the
+//! journal replay) are removed, and writing begins in a new segment.
+//! A segment is kept whole while any of its bodies is pending: one
+//! unacked message holds its segment's space until it is acked, expires
+//! or is dead-lettered.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{io_error, keys, StorageError};
+
+/// The folder of the segment files, in the data directory.
+pub const DIR: &str = "messages";
+/// Size past which a segment is closed and the next begun.
+pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// Bytes of the stored value kept in its reference: format, publish and
+/// expiry times (what the expiry sweep reads).
+pub const HEAD: usize = 17;
+
+/// Where a message body lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyRef {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+impl BodyRef {
+    /// First byte of an encoded reference: not a stored value's format byte,
+    /// so a pending entry's tail tells an inline value from a reference.
+    pub const TAG: u8 = 0xB0;
+    /// Tag, segment, offset, length, CRC and the value's head.
+    pub const ENCODED: usize = 1 + 8 + 8 + 4 + 4 + HEAD;
+
+    /// The reference followed by the head of `value` (the stored value).
+    pub fn encode_into(&self, value: &[u8], out: &mut Vec<u8>) {
+        out.push(Self::TAG);
+        out.extend_from_slice(&self.segment.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&self.len.to_be_bytes());
+        out.extend_from_slice(&self.crc.to_be_bytes());
+        let mut head = [0u8; HEAD];
+        let n = value.len().min(HEAD);
+        head[..n].copy_from_slice(&value[..n]);
+        out.extend_from_slice(&head);
+    }
+
+    /// A reference and the value's head, if `bytes` is one.
+    pub fn decode(bytes: &[u8]) -> Option<(BodyRef, &[u8])> {
+        if bytes.len() != Self::ENCODED || bytes.first() != Some(&Self::TAG) {
+            return None;
+        }
+        Some((
+            BodyRef {
+                segment: keys::be_u64(&bytes[1..9])?,
+                offset: keys::be_u64(&bytes[9..17])?,
+                len: keys::be_u32(&bytes[17..21])?,
+                crc: keys::be_u32(&bytes[21..25])?,
+            },
+            &bytes[25..],
+        ))
+    }
+
+    /// Whether `next` lies right after this body in the same segment.
+    fn followed_by(&self, next: &BodyRef) -> bool {
+        self.segment == next.segment && self.offset + u64::from(self.len) == next.offset
+    }
+}
+
+pub fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(DIR).join(format!("{segment:020}.seg"))
+}
+
+/// The segment ids of the files in `dir`'s segment folder.
+pub fn list(dir: &Path) -> Result<Vec<u64>, StorageError> {
+    let folder = dir.join(DIR);
+    let entries = match std::fs::read_dir(&folder) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(&folder)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error(&folder))?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        out.push(id);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The live counts recorded in sled: segment → bodies still referenced.
+pub fn live_counts(db: &sled::Db) -> Result<HashMap<u64, u64>, StorageError> {
+    let mut out = HashMap::new();
+    for item in db.scan_prefix([keys::BODY_LIVE]) {
+        let (key, value) = item?;
+        let corrupt = || StorageError::Corrupt {
+            what: "a message segment's live count".into(),
+        };
+        let segment = keys::body_live_segment(&key).ok_or_else(corrupt)?;
+        let count = keys::be_u64(&value).ok_or_else(corrupt)?;
+        out.insert(segment, count);
+    }
+    Ok(out)
+}
+
+/// Places bodies in segments for the writer: the segment and offset a body
+/// will be written at.
+#[derive(Debug)]
+pub struct Placer {
+    pub segment: u64,
+    pub offset: u64,
+    segment_bytes: u64,
+}
+
+impl Placer {
+    /// Writing begins at the start of segment `segment`.
+    pub fn new(segment: u64, segment_bytes: u64) -> Self {
+        Self {
+            segment,
+            offset: 0,
+            segment_bytes: segment_bytes.max(1),
+        }
+    }
+
+    /// The place of a body of `len` bytes.
+    pub fn place(&mut self, len: usize) -> (u64, u64) {
+        let len = len as u64;
+        if self.offset > 0 && self.offset.saturating_add(len) > self.segment_bytes {
+            self.segment += 1;
+            self.offset = 0;
+        }
+        let at = (self.segment, self.offset);
+        self.offset += len;
+        at
+    }
+}
+
+/// The segment files as the flusher writes them. Bodies that lie one after
+/// another are gathered and written with one `pwrite` ([`Files::flush`]).
+#[derive(Debug)]
+pub struct Files {
+    dir: PathBuf,
+    open: HashMap<u64, File>,
+    /// Bodies gathered and not yet written: where they start, and their bytes.
+    gathered: Option<(u64, u64)>,
+    buf: Vec<u8>,
+    /// Written since the last [`Files::sync`].
+    dirty: BTreeSet<u64>,
+    /// A file was made since the last sync: the folder needs one too.
+    created: bool,
+}
+
+impl Files {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            open: HashMap::new(),
+            gathered: None,
+            buf: Vec::new(),
+            dirty: BTreeSet::new(),
+            created: false,
+        }
+    }
+
+    /// Writes `body` at `offset` of `segment` (not synced): gathered with
+    /// the bodies before it when it follows them, else after writing them.
+    /// Written once [`Files::flush`] returns.
+    pub fn write(&mut self, segment: u64, offset: u64, body: &[u8]) -> Result<(), StorageError> {
+        match self.gathered {
+            Some((s, start)) if s == segment && start + self.buf.len() as u64 == offset => {}
+            _ => {
+                self.flush()?;
+                self.gathered = Some((segment, offset));
+            }
+        }
+        self.buf.extend_from_slice(body);
+        Ok(())
+    }
+
+    /// Writes the gathered bodies.
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        let Some((segment, offset)) = self.gathered.take() else {
+            return Ok(());
+        };
+        let result = self.write_now(segment, offset);
+        self.buf.clear();
+        // A burst can leave a large buffer behind: do not keep it.
+        if self.buf.capacity() > 4 << 20 {
+            self.buf = Vec::new();
+        }
+        result
+    }
+
+    fn write_now(&mut self, segment: u64, offset: u64) -> Result<(), StorageError> {
+        let path = segment_path(&self.dir, segment);
+        if !self.open.contains_key(&segment) {
+            let folder = self.dir.join(DIR);
+            if !folder.exists() {
+                std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
+                super::sync_dir(&self.dir)?;
+            }
+            self.created |= !path.exists();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io_error(&path))?;
+            // Only the newest few stay open: older segments are written
+            // only by a replay.
+            if self.open.len() >= 4 {
+                if let Some(&oldest) = self.open.keys().min() {
+                    self.close(oldest)?;
+                }
+            }
+            self.open.insert(segment, file);
+        }
+        let file = self
+            .open
+            .get(&segment)
+            .ok_or_else(|| StorageError::Corrupt {
+                what: format!("message segment {segment} is not open"),
+            })?;
+        file.write_all_at(&self.buf, offset)
+            .map_err(io_error(&path))?;
+        self.dirty.insert(segment);
+        Ok(())
+    }
+
+    /// Syncs and closes one open segment.
+    fn close(&mut self, segment: u64) -> Result<(), StorageError> {
+        if let Some(file) = self.open.remove(&segment) {
+            if self.dirty.remove(&segment) {
+                file.sync_data()
+                    .map_err(io_error(&segment_path(&self.dir, segment)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is gathered, then fdatasyncs every segment written since
+    /// the last sync, and the folder when a file was made.
+    pub fn sync(&mut self) -> Result<(), StorageError> {
+        self.flush()?;
+        for segment in std::mem::take(&mut self.dirty) {
+            if let Some(file) = self.open.get(&segment) {
+                file.sync_data()
+                    .map_err(io_error(&segment_path(&self.dir, segment)))?;
+            }
+        }
+        if std::mem::take(&mut self.created) {
+            super::sync_dir(&self.dir.join(DIR))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the files of `segments` (none of their bodies is referenced).
+    pub fn remove(&mut self, segments: &[u64]) -> Result<(), StorageError> {
+        if self.gathered.is_some_and(|(s, _)| segments.contains(&s)) {
+            self.gathered = None;
+            self.buf.clear();
+        }
+        for &segment in segments {
+            self.open.remove(&segment);
+            self.dirty.remove(&segment);
+            let path = segment_path(&self.dir, segment);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads bodies for the dispatchers and operator commands; keeps the
+/// segments it has read open.
+#[derive(Debug)]
+pub struct Reader {
+    dir: PathBuf,
+    open: Mutex<HashMap<u64, Arc<File>>>,
+}
+
+/// Most bytes read with one `pread` for a run of bodies that lie one after
+/// another.
+const RUN_BYTES: u64 = 1 << 20;
+
+impl Reader {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn file(&self, segment: u64) -> Result<Option<Arc<File>>, StorageError> {
+        let mut open = match self.open.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(file) = open.get(&segment) {
+            return Ok(Some(file.clone()));
+        }
+        let path = segment_path(&self.dir, segment);
+        match File::open(&path) {
+            Ok(file) => {
+                let file = Arc::new(file);
+                open.insert(segment, file.clone());
+                Ok(Some(file))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&path)(e)),
+        }
+    }
+
+    /// Closes the reader's handle on removed segments.
+    pub fn forget(&self, segments: &[u64]) {
+        let mut open = match self.open.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for segment in segments {
+            open.remove(segment);
+        }
+    }
+
+    /// The bodies of `refs`, in order: None where the segment file is gone
+    /// or too short (its entry was settled meanwhile, or the file was cut).
+    /// A body that fails its CRC is an error. Bodies that lie one after
+    /// another are read together.
+    pub fn read(&self, refs: &[BodyRef]) -> Result<Vec<Option<Vec<u8>>>, StorageError> {
+        let mut out = Vec::with_capacity(refs.len());
+        let mut i = 0;
+        while i < refs.len() {
+            let first = refs[i];
+            let mut end = i + 1;
+            let mut len = u64::from(first.len);
+            while end < refs.len()
+                && refs[end - 1].followed_by(&refs[end])
+                && len + u64::from(refs[end].len) <= RUN_BYTES
+            {
+                len += u64::from(refs[end].len);
+                end += 1;
+            }
+            let run = self.read_at(first.segment, first.offset, len as usize)?;
+            let mut at = 0usize;
+            for body in &refs[i..end] {
+                let n = body.len as usize;
+                let bytes = run.as_ref().and_then(|run| run.get(at..at + n));
+                at += n;
+                match bytes {
+                    Some(bytes) if crc32fast::hash(bytes) == body.crc => {
+                        out.push(Some(bytes.to_vec()))
+                    }
+                    Some(_) => {
+                        return Err(StorageError::Corrupt {
+                            what: format!(
+                                "message body at {} of segment {} fails its checksum",
+                                body.offset, body.segment
+                            ),
+                        })
+                    }
+                    None => out.push(None),
+                }
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    /// One body ([`Reader::read`]).
+    pub fn read_one(&self, body: BodyRef) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.read(&[body])?.pop().flatten())
+    }
+
+    /// `len` bytes at `offset` of `segment`, or fewer where the file ends
+    /// (None: no such file).
+    fn read_at(
+        &self,
+        segment: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let Some(file) = self.file(segment)? else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(&segment_path(&self.dir, segment))(e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(Some(buf))
+    }
+}
+
+/// At open, after the journal's sled writes are replayed: writes every body
+/// of the journal's pass at its place again, syncs what it wrote, then
+/// removes the segments no live count names. Returns the first segment id
+/// above every one in use or on disk, where writing begins.
+pub fn recover<'a>(
+    dir: &Path,
+    db: &sled::Db,
+    bodies: impl IntoIterator<Item = (u64, u64, &'a [u8])>,
+) -> Result<u64, StorageError> {
+    let mut files = Files::new(dir);
+    for (segment, offset, body) in bodies {
+        files.write(segment, offset, body)?;
+    }
+    files.sync()?;
+    drop(files);
+    let live = live_counts(db)?;
+    let mut next = live.keys().max().map_or(0, |m| m + 1);
+    let mut removed = false;
+    for segment in list(dir)? {
+        next = next.max(segment + 1);
+        if live.get(&segment).copied().unwrap_or(0) == 0 {
+            let path = segment_path(dir, segment);
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            removed = true;
+        }
+    }
+    if removed {
+        super::sync_dir(&dir.join(DIR))?;
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_ref(segment: u64, offset: u64, bytes: &[u8]) -> BodyRef {
+        BodyRef {
+            segment,
+            offset,
+            len: bytes.len() as u32,
+            crc: crc32fast::hash(bytes),
+        }
+    }
+
+    #[test]
+    fn a_reference_round_trips_with_the_head_of_its_value() {
+        let r = body_ref(7, 4096, b"abc");
+        let mut out = Vec::new();
+        let value: Vec<u8> = (0..60).collect();
+        r.encode_into(&value, &mut out);
+        assert_eq!(out.len(), BodyRef::ENCODED);
+        let (back, head) = BodyRef::decode(&out).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(head, &value[..HEAD]);
+        assert!(BodyRef::decode(&out[1..]).is_none());
+        assert!(BodyRef::decode(&value[..BodyRef::ENCODED]).is_none());
+    }
+
+    #[test]
+    fn bodies_are_placed_in_order_and_a_full_segment_rolls() {
+        let mut p = Placer::new(3, 100);
+        assert_eq!(p.place(60), (3, 0));
+        assert_eq!(p.place(40), (3, 60));
+        assert_eq!(p.place(1), (4, 0));
+        // A body larger than a segment gets a segment of its own.
+        assert_eq!(p.place(500), (5, 0));
+        assert_eq!(p.place(1), (6, 0));
+    }
+
+    #[test]
+    fn bodies_written_are_read_back_together_and_damage_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut files = Files::new(tmp.path());
+        let a = b"first body".to_vec();
+        let b = b"second".to_vec();
+        let c = b"in another segment".to_vec();
+        files.write(1, 0, &a).unwrap();
+        files.write(1, a.len() as u64, &b).unwrap();
+        files.write(2, 0, &c).unwrap();
+        files.flush().unwrap();
+        assert_eq!(list(tmp.path()).unwrap(), [1, 2]);
+        files.sync().unwrap();
+        let refs = [
+            body_ref(1, 0, &a),
+            body_ref(1, a.len() as u64, &b),
+            body_ref(2, 0, &c),
+            body_ref(9, 0, &c),
+            body_ref(2, 100, &c),
+        ];
+        let reader = Reader::new(tmp.path());
+        let got = reader.read(&refs).unwrap();
+        assert_eq!(got, vec![Some(a.clone()), Some(b), Some(c), None, None]);
+
+        files.remove(&[2]).unwrap();
+        reader.forget(&[2]);
+        assert_eq!(reader.read(&refs[2..3]).unwrap(), vec![None]);
+
+        files.write(1, 0, b"FIRST").unwrap();
+        files.flush().unwrap();
+        let err = reader.read(&refs[..1]).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn recovery_rewrites_the_journal_bodies_and_removes_segments_nobody_uses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(tmp.path().join("db"))
+            .open()
+            .unwrap();
+        let mut files = Files::new(tmp.path());
+        files.write(4, 0, b"gone").unwrap();
+        files.write(5, 0, b"torn").unwrap();
+        files.sync().unwrap();
+        drop(files);
+        db.insert(keys::body_live(5), &1u64.to_be_bytes()[..])
+            .unwrap();
+        let next = recover(tmp.path(), &db, [(5u64, 0u64, &b"kept"[..])]).unwrap();
+        assert_eq!(next, 6);
+        assert_eq!(list(tmp.path()).unwrap(), vec![5]);
+        let reader = Reader::new(tmp.path());
+        assert_eq!(
+            reader.read(&[body_ref(5, 0, b"kept")]).unwrap(),
+            vec![Some(b"kept".to_vec())]
+        );
+    }
+}
