@@ -22,6 +22,10 @@
 //!   reference to a body kept outside sled (40 bytes): what keeping message
 //!   bodies out of sled's leaves would save (sled copies a leaf of up to 17
 //!   values on every insert and removal).
+//! - `storage/bodies/{write,read}/256`: message bodies in segment files
+//!   (what now keeps them out of sled): 256 bodies of 1,260 bytes written
+//!   one after another and written out with one `pwrite`, or read back as
+//!   one run with one `pread` and each CRC checked.
 //!
 //! Run with `cargo bench --bench storage` (add `-- --quick` for a fast
 //! estimate).
@@ -382,12 +386,58 @@ fn sled_leaf(c: &mut Criterion) {
     assert!(db.is_empty(), "every key inserted was removed");
 }
 
+/// Message bodies in segment files: a group's bodies written with one
+/// `pwrite`, and a run of them read back with one `pread` and checked.
+fn bodies(c: &mut Criterion) {
+    use joinery::storage::bodies::{BodyRef, Files, Reader};
+    const BODIES: u64 = 256;
+    const SIZE: u64 = 1_260;
+    let dir = tempfile::Builder::new()
+        .prefix("joinery-bench-bodies-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("a temporary directory");
+    let body = vec![0x5Au8; SIZE as usize];
+    let mut files = Files::new(dir.path());
+    let mut segment = 0u64;
+    let mut group = c.benchmark_group("storage/bodies");
+    group.throughput(Throughput::Elements(BODIES));
+    group.bench_with_input(BenchmarkId::new("write", BODIES), &BODIES, |b, _| {
+        b.iter(|| {
+            segment += 1;
+            for i in 0..BODIES {
+                files.write(segment, i * SIZE, &body).expect("write");
+            }
+            files.flush().expect("flush");
+            // One segment on disk at a time.
+            files.remove(&[segment - 1]).expect("remove");
+        })
+    });
+    let refs: Vec<BodyRef> = (0..BODIES)
+        .map(|i| BodyRef {
+            segment,
+            offset: i * SIZE,
+            len: SIZE as u32,
+            crc: crc32fast::hash(&body),
+        })
+        .collect();
+    let reader = Reader::new(dir.path());
+    group.bench_with_input(BenchmarkId::new("read", BODIES), &BODIES, |b, _| {
+        b.iter(|| {
+            let read = reader.read(&refs).expect("read");
+            assert!(read
+                .iter()
+                .all(|b| b.as_ref().map(Vec::len) == Some(SIZE as usize)));
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
         .sample_size(10);
-    targets = storage, sled_leaf
+    targets = storage, sled_leaf, bodies
 }
 criterion_main!(benches);

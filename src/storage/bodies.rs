@@ -11,6 +11,9 @@
 //! # Write path
 //! The writer thread places each body ([`Placer`]): the segment and offset
 //! are fixed when the group is built, so the pending entry can name them.
+//! Each subscription writes segments of its own, so the bodies a
+//! subscription leaves unconsumed never hold the space of other
+//! subscriptions' acked bodies.
 //! The body travels in the group's journal record under `B segment offset`
 //! (never applied to sled). Once that record is synced, the flusher writes
 //! the body at its place with `pwrite` ([`Files`]) before it applies the
@@ -29,13 +32,14 @@
 //! # Space
 //! Each segment has a live count in sled (`L segment` → count), updated in
 //! the same group as the pending entries that reference it. A segment is
-//! removed once its count is zero and the writer has moved on to a later
-//! one, after the group that emptied it is durable and applied. At open,
+//! removed once its count is zero and no subscription places bodies in it
+//! any more, once the group that emptied it is durable and applied (before
+//! that group is answered). At open,
 //! segment files with no live count (emptied, or brought back by the
 //! journal replay) are removed, and writing begins in a new segment.
 //! A segment is kept whole while any of its bodies is pending: one
-//! unacked message holds its segment's space until it is acked, expires
-//! or is dead-lettered.
+//! unacked message (one a consumer holds, or nacked with a delay) holds
+//! its segment's space until it is acked, expires or is dead-lettered.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -49,6 +53,8 @@ use super::{io_error, keys, StorageError};
 pub const DIR: &str = "messages";
 /// Size past which a segment is closed and the next begun.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// Most segment files the flusher keeps open for writing.
+const OPEN_FILES: usize = 64;
 /// Bytes of the stored value kept in its reference: format, publish and
 /// expiry times (what the expiry sweep reads).
 pub const HEAD: usize = 17;
@@ -149,34 +155,62 @@ pub fn live_counts(db: &sled::Db) -> Result<HashMap<u64, u64>, StorageError> {
 }
 
 /// Places bodies in segments for the writer: the segment and offset a body
-/// will be written at.
+/// will be written at. Each subscription has segments of its own, so a
+/// subscription that is not consumed keeps only its own bodies' segments,
+/// never those of busy subscriptions whose bodies would lie beside its own.
 #[derive(Debug)]
 pub struct Placer {
-    pub segment: u64,
-    pub offset: u64,
+    /// Per subscription, the segment it writes and the offset of its next body.
+    current: HashMap<u32, (u64, u64)>,
+    /// The id the next new segment takes (ids only grow).
+    next_segment: u64,
     segment_bytes: u64,
+    /// Segments a subscription has moved on from since the last
+    /// [`Placer::take_retired`].
+    retired: Vec<u64>,
 }
 
 impl Placer {
-    /// Writing begins at the start of segment `segment`.
-    pub fn new(segment: u64, segment_bytes: u64) -> Self {
+    /// New segments are numbered from `next_segment`.
+    pub fn new(next_segment: u64, segment_bytes: u64) -> Self {
         Self {
-            segment,
-            offset: 0,
+            current: HashMap::new(),
+            next_segment,
             segment_bytes: segment_bytes.max(1),
+            retired: Vec::new(),
         }
     }
 
-    /// The place of a body of `len` bytes.
-    pub fn place(&mut self, len: usize) -> (u64, u64) {
+    /// The place of a body of `len` bytes for subscription `sub`: after its
+    /// last body, or at the start of a new segment when that one is full.
+    pub fn place(&mut self, sub: u32, len: usize) -> (u64, u64) {
         let len = len as u64;
-        if self.offset > 0 && self.offset.saturating_add(len) > self.segment_bytes {
-            self.segment += 1;
-            self.offset = 0;
-        }
-        let at = (self.segment, self.offset);
-        self.offset += len;
-        at
+        let (segment, offset) = match self.current.get(&sub) {
+            Some(&(segment, offset))
+                if offset == 0 || offset.saturating_add(len) <= self.segment_bytes =>
+            {
+                (segment, offset)
+            }
+            other => {
+                if let Some(&(full, _)) = other {
+                    self.retired.push(full);
+                }
+                self.next_segment += 1;
+                (self.next_segment - 1, 0)
+            }
+        };
+        self.current.insert(sub, (segment, offset + len));
+        (segment, offset)
+    }
+
+    /// Whether bodies are still placed in `segment`.
+    pub fn is_current(&self, segment: u64) -> bool {
+        self.current.values().any(|&(s, _)| s == segment)
+    }
+
+    /// The segments subscriptions have moved on from since the last call.
+    pub fn take_retired(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.retired)
     }
 }
 
@@ -252,11 +286,12 @@ impl Files {
                 .truncate(false)
                 .open(&path)
                 .map_err(io_error(&path))?;
-            // Only the newest few stay open: older segments are written
-            // only by a replay.
-            if self.open.len() >= 4 {
+            // Each subscription being published to writes a segment of its
+            // own; past this many, the oldest is closed (a written one is
+            // still synced at the next checkpoint: it stays in `dirty`).
+            if self.open.len() >= OPEN_FILES {
                 if let Some(&oldest) = self.open.keys().min() {
-                    self.close(oldest)?;
+                    self.open.remove(&oldest);
                 }
             }
             self.open.insert(segment, file);
@@ -273,26 +308,22 @@ impl Files {
         Ok(())
     }
 
-    /// Syncs and closes one open segment.
-    fn close(&mut self, segment: u64) -> Result<(), StorageError> {
-        if let Some(file) = self.open.remove(&segment) {
-            if self.dirty.remove(&segment) {
-                file.sync_data()
-                    .map_err(io_error(&segment_path(&self.dir, segment)))?;
-            }
-        }
-        Ok(())
-    }
-
     /// Writes what is gathered, then fdatasyncs every segment written since
     /// the last sync, and the folder when a file was made.
     pub fn sync(&mut self) -> Result<(), StorageError> {
         self.flush()?;
         for segment in std::mem::take(&mut self.dirty) {
-            if let Some(file) = self.open.get(&segment) {
-                file.sync_data()
-                    .map_err(io_error(&segment_path(&self.dir, segment)))?;
-            }
+            let path = segment_path(&self.dir, segment);
+            let result = match self.open.get(&segment) {
+                Some(file) => file.sync_data(),
+                None => match File::open(&path) {
+                    Ok(file) => file.sync_data(),
+                    // Removed since it was written: nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                },
+            };
+            result.map_err(io_error(&path))?;
         }
         if std::mem::take(&mut self.created) {
             super::sync_dir(&self.dir.join(DIR))?;
@@ -506,14 +537,23 @@ mod tests {
     }
 
     #[test]
-    fn bodies_are_placed_in_order_and_a_full_segment_rolls() {
+    fn bodies_are_placed_in_order_per_subscription_and_a_full_segment_rolls() {
         let mut p = Placer::new(3, 100);
-        assert_eq!(p.place(60), (3, 0));
-        assert_eq!(p.place(40), (3, 60));
-        assert_eq!(p.place(1), (4, 0));
+        assert_eq!(p.place(1, 60), (3, 0));
+        assert_eq!(
+            p.place(2, 10),
+            (4, 0),
+            "another subscription, another segment"
+        );
+        assert_eq!(p.place(1, 40), (3, 60));
+        assert_eq!(p.place(2, 10), (4, 10));
+        assert!(p.take_retired().is_empty());
+        assert_eq!(p.place(1, 1), (5, 0));
         // A body larger than a segment gets a segment of its own.
-        assert_eq!(p.place(500), (5, 0));
-        assert_eq!(p.place(1), (6, 0));
+        assert_eq!(p.place(1, 500), (6, 0));
+        assert_eq!(p.place(1, 1), (7, 0));
+        assert_eq!(p.take_retired(), [3, 5, 6]);
+        assert!(p.is_current(7) && p.is_current(4) && !p.is_current(3));
     }
 
     #[test]

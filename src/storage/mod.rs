@@ -1474,19 +1474,19 @@ mod tests {
         assert_eq!(segments_of(tmp.path()), [1, 2]);
         assert!(!bodies::live_counts(store.db()).unwrap().contains_key(&2));
 
-        // The next body still fits in segment 2.
+        // Another subscription's bodies go to a segment of its own.
         assert_eq!(publish(&store, "t", &["b"], &body(6)).await, 6);
         let b = store.subscription("b").unwrap();
-        assert_eq!(segments_of(tmp.path()), [1, 2]);
+        assert_eq!(segments_of(tmp.path()), [1, 2, 3]);
 
-        // After a restart writing goes on in a new segment, and every body
-        // reads back.
+        // After a restart the emptied segment 2 is removed, writing goes on
+        // in a new segment, and every body reads back.
         store.close().await.unwrap();
         drop(store);
         let store = try_open_with(tmp.path(), 400).unwrap();
-        assert_eq!(segments_of(tmp.path()), [1, 2]);
+        assert_eq!(segments_of(tmp.path()), [1, 3]);
         assert_eq!(publish(&store, "t", &["a"], &body(7)).await, 7);
-        assert_eq!(segments_of(tmp.path()), [1, 2, 3]);
+        assert_eq!(segments_of(tmp.path()), [1, 3, 4]);
         assert_eq!(
             envelopes(&store, "a"),
             [(3, body(3)), (4, body(4)), (7, body(7))]
@@ -1499,7 +1499,7 @@ mod tests {
             .unwrap();
         // A purge releases the bodies of the entries it removes.
         assert_eq!(purged, 1);
-        assert_eq!(segments_of(tmp.path()), [1, 3]);
+        assert_eq!(segments_of(tmp.path()), [1, 4]);
         store.close().await.unwrap();
         drop(store);
 
@@ -1512,6 +1512,21 @@ mod tests {
         let a = store.subscription("a").unwrap();
         let err = store.scan_pending(&a, 0, u64::MAX, 10).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_message_nobody_consumes_keeps_only_its_own_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        let waiting = publish(&store, "t", &["b"], &[0u8; 100]).await;
+        for i in 0..10u8 {
+            let seq = publish(&store, "t", &["a"], &[i; 100]).await;
+            ack(&store, "a", seq).await;
+        }
+        // b's segment, and the one a writes now; a's full ones are gone.
+        assert_eq!(segments_of(tmp.path()), [0, 5]);
+        assert_eq!(envelopes(&store, "b"), [(waiting, vec![0u8; 100])]);
         store.close().await.unwrap();
     }
 

@@ -89,11 +89,8 @@ pub(super) struct Writer {
     /// Per subscription, the sequence of the last message stored for it
     /// by this process (see [`super::Fresh`]).
     last_stored: HashMap<u32, u64>,
-    /// Where the next message body goes.
+    /// Where the next message body of each subscription goes.
     placer: bodies::Placer,
-    /// The segment being written when the last group was finished: the
-    /// ones before it that nothing references are removed.
-    placing: u64,
     /// Per message segment, its bodies still referenced as of the groups
     /// built so far (absent: none).
     live: HashMap<u64, u64>,
@@ -243,7 +240,6 @@ impl Writer {
             progress,
             last_stored: HashMap::new(),
             placer: bodies::Placer::new(first_segment, options_body_segment_bytes),
-            placing: first_segment,
             live,
             bodies: reader,
         })
@@ -521,8 +517,8 @@ impl Writer {
             // it (see [`Pending`]).
             let inline = targets.len() == 1 && !indexed_expiry;
             let mut inline_entry = None;
-            if inline {
-                let (segment, offset) = self.placer.place(value.len());
+            if let Some(sub) = targets.first().filter(|_| inline) {
+                let (segment, offset) = self.placer.place(sub.id, value.len());
                 let body = BodyRef {
                     segment,
                     offset,
@@ -965,7 +961,7 @@ impl Writer {
             if count == 0 {
                 self.live.remove(&segment);
                 changes.insert(keys::body_live(segment).to_vec(), None);
-                if segment < self.placer.segment {
+                if !self.placer.is_current(segment) {
                     remove_segments.push(segment);
                 }
             } else {
@@ -976,14 +972,13 @@ impl Writer {
                 );
             }
         }
-        // Segments the placer has moved past since the last group: those
-        // emptied while they were being written go now.
-        for segment in self.placing..self.placer.segment {
+        // Segments a subscription has moved on from since the last group:
+        // those emptied while they were being written go now.
+        for segment in self.placer.take_retired() {
             if !self.live.contains_key(&segment) && !remove_segments.contains(&segment) {
                 remove_segments.push(segment);
             }
         }
-        self.placing = self.placer.segment;
         let record = if changes.is_empty() || self.failed.is_some() {
             None
         } else {
