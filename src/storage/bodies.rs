@@ -279,13 +279,7 @@ impl Files {
                 super::sync_dir(&self.dir)?;
             }
             self.created |= !path.exists();
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(io_error(&path))?;
+            let file = super::open_read_write(&path).map_err(io_error(&path))?;
             // Each subscription being published to writes a segment of its
             // own; past this many, the oldest is closed (a written one is
             // still synced at the next checkpoint: it stays in `dirty`).

@@ -87,13 +87,7 @@ impl Journal {
             path: path.clone(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        let file = super::open_read_write(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < CAPACITY {
             let zeros = vec![0u8; 64 << 10];

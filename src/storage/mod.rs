@@ -925,6 +925,16 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 }
 
 /// Maps an I/O error on `path` to [`StorageError::Io`].
+/// Opens `path` to read and write, creating it if needed, keeping what it holds.
+pub(crate) fn open_read_write(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
         path: path.to_path_buf(),
@@ -1530,6 +1540,21 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// Marks `store` (in `dir`) as format `version` and opens it again, as
+    /// an upgrade finds it; it must then be marked the current version.
+    async fn reopened_from_version(store: Store, dir: &Path, version: u32) -> Store {
+        store
+            .db()
+            .insert(keys::FORMAT, &version.to_be_bytes())
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(dir);
+        let marked = store.db().get(keys::FORMAT).unwrap().unwrap();
+        assert_eq!(keys::be_u32(&marked), Some(FORMAT_VERSION));
+        store
+    }
+
     #[tokio::test]
     async fn a_version_3_store_with_inline_messages_is_read_and_marked_version_4() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1551,16 +1576,7 @@ mod tests {
         );
         let inline = Pending::default().encode_inline(&value);
         store.db().insert(keys::pending(a.id, seq), inline).unwrap();
-        store
-            .db()
-            .insert(keys::FORMAT, &3u32.to_be_bytes())
-            .unwrap();
-        store.close().await.unwrap();
-        drop(store);
-
-        let store = open(tmp.path());
-        let version = store.db().get(keys::FORMAT).unwrap().unwrap();
-        assert_eq!(keys::be_u32(&version), Some(FORMAT_VERSION));
+        let store = reopened_from_version(store, tmp.path(), 3).await;
         assert_eq!(
             envelopes(&store, "a"),
             [
@@ -1579,15 +1595,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = open(tmp.path());
         let seq = publish(&store, "t", &["a", "b"], b"stored by version 1").await;
-        store
-            .db()
-            .insert(keys::FORMAT, &1u32.to_be_bytes())
-            .unwrap();
-        store.close().await.unwrap();
-        drop(store);
-        let store = open(tmp.path());
-        let version = store.db().get(keys::FORMAT).unwrap().unwrap();
-        assert_eq!(keys::be_u32(&version), Some(FORMAT_VERSION));
+        let store = reopened_from_version(store, tmp.path(), 1).await;
         assert_eq!(
             &store.pending_message("b", seq).unwrap().envelope[..],
             b"stored by version 1"
