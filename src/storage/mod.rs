@@ -733,17 +733,20 @@ impl Store {
         sub: &SubState,
         entries: &[(u64, sled::IVec)],
     ) -> Result<Vec<PendingRow>, StorageError> {
-        let mut refs = Vec::new();
-        for (_, value) in entries {
-            if let (_, records::Body::Segment(body, _)) = Pending::split(value)? {
-                refs.push(body);
-            }
-        }
+        let split = entries
+            .iter()
+            .map(|(seq, value)| Ok((*seq, Pending::split(value)?)))
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        let refs: Vec<bodies::BodyRef> = split
+            .iter()
+            .filter_map(|(_, (_, body))| match body {
+                records::Body::Segment(body, _) => Some(*body),
+                _ => None,
+            })
+            .collect();
         let mut read = self.inner.bodies.read(&refs)?.into_iter();
         let mut out = Vec::with_capacity(entries.len());
-        for (seq, value) in entries {
-            let seq = *seq;
-            let (pending, body) = Pending::split(value)?;
+        for (seq, (pending, body)) in split {
             let message = match body {
                 records::Body::Inline(stored) => {
                     Some(Arc::new(StoredMessage::decode(sub.topic, seq, stored)?))
@@ -1519,6 +1522,28 @@ mod tests {
         data[120] ^= 0xFF;
         std::fs::write(&path, data).unwrap();
         let store = try_open_with(tmp.path(), 400).unwrap();
+        let a = store.subscription("a").unwrap();
+        let err = store.scan_pending(&a, 0, u64::MAX, 10).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_body_stops_neither_the_expiry_sweep_nor_publishing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let expired = publish_expiring(&store, "t", &["a"], b"damaged", now_ms() - 10, true).await;
+        let path = bodies::segment_path(tmp.path(), 0);
+        let mut data = std::fs::read(&path).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0xFF;
+        std::fs::write(&path, data).unwrap();
+        store.tick();
+        store.sync().await.unwrap();
+        assert!(expired_seqs(&store, "a").is_empty(), "nothing to report");
+        // The store still takes publishes, and the damage is an error where
+        // the entry is read.
+        assert_eq!(publish(&store, "t", &["b"], b"next").await, expired + 1);
         let a = store.subscription("a").unwrap();
         let err = store.scan_pending(&a, 0, u64::MAX, 10).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");

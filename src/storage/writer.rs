@@ -866,8 +866,12 @@ impl Writer {
             for sub in &topic.subs {
                 let from = self.order_swept_inline.get(&sub.id).copied().unwrap_or(0);
                 let range = keys::pending(sub.id, from)..=keys::pending(sub.id, u64::MAX);
-                let cursor =
-                    walk_by_order(&self.db, range, from, &mut budget, |seq, key, value| {
+                let cursor = walk_by_order(
+                    &self.db,
+                    range,
+                    from,
+                    &mut budget,
+                    |seq, key, value| {
                         // The group's own writes come first: an entry it has
                         // removed (acked, dead-lettered) is not pending any more.
                         let value = match self.unapplied(group, key) {
@@ -885,7 +889,16 @@ impl Writer {
                             Some(true) => {
                                 let stored = match body {
                                     None => Some(Cow::Borrowed(head)),
-                                    Some(body) => bodies.read_one(body)?.map(Cow::Owned),
+                                    // Not fatal to the store: the dispatcher
+                                    // meets the same error when it reads the
+                                    // entry, and names it.
+                                    Some(body) => match bodies.read_one(body) {
+                                        Ok(read) => read.map(Cow::Owned),
+                                        Err(e) => {
+                                            warn!(cause = %e, seq, "an expired message's body is unreadable");
+                                            None
+                                        }
+                                    },
                                 };
                                 // A body whose file is gone cannot be
                                 // delivered either: the dispatcher drops
@@ -899,7 +912,8 @@ impl Writer {
                             None => {}
                         }
                         Ok(Walk::Past)
-                    })?;
+                    },
+                )?;
                 self.order_swept_inline.insert(sub.id, cursor);
             }
         }
