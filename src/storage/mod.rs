@@ -1517,15 +1517,26 @@ mod tests {
         drop(store);
 
         // A damaged body is an error, not another message.
-        let path = bodies::segment_path(tmp.path(), 1);
-        let mut data = std::fs::read(&path).unwrap();
-        data[120] ^= 0xFF;
-        std::fs::write(&path, data).unwrap();
+        damage_segment(tmp.path(), 1, Some(120));
         let store = try_open_with(tmp.path(), 400).unwrap();
-        let a = store.subscription("a").unwrap();
-        let err = store.scan_pending(&a, 0, u64::MAX, 10).unwrap_err();
-        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_damage_named(&store, "a");
         store.close().await.unwrap();
+    }
+
+    /// Flips the byte at `at` of message segment `segment` (None: its last).
+    fn damage_segment(dir: &Path, segment: u64, at: Option<usize>) {
+        let path = bodies::segment_path(dir, segment);
+        let mut data = std::fs::read(&path).unwrap();
+        let at = at.unwrap_or(data.len() - 1);
+        data[at] ^= 0xFF;
+        std::fs::write(&path, data).unwrap();
+    }
+
+    /// Reading `sub`'s pending entries fails, naming the damaged body.
+    fn assert_damage_named(store: &Store, sub: &str) {
+        let sub = store.subscription(sub).unwrap();
+        let err = store.scan_pending(&sub, 0, u64::MAX, 10).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
     }
 
     #[tokio::test]
@@ -1533,20 +1544,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = open(tmp.path());
         let expired = publish_expiring(&store, "t", &["a"], b"damaged", now_ms() - 10, true).await;
-        let path = bodies::segment_path(tmp.path(), 0);
-        let mut data = std::fs::read(&path).unwrap();
-        let last = data.len() - 1;
-        data[last] ^= 0xFF;
-        std::fs::write(&path, data).unwrap();
+        damage_segment(tmp.path(), 0, None);
         store.tick();
         store.sync().await.unwrap();
         assert!(expired_seqs(&store, "a").is_empty(), "nothing to report");
         // The store still takes publishes, and the damage is an error where
         // the entry is read.
         assert_eq!(publish(&store, "t", &["b"], b"next").await, expired + 1);
-        let a = store.subscription("a").unwrap();
-        let err = store.scan_pending(&a, 0, u64::MAX, 10).unwrap_err();
-        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_damage_named(&store, "a");
         store.close().await.unwrap();
     }
 
