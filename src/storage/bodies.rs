@@ -471,15 +471,25 @@ impl Reader {
     }
 }
 
+/// The first segment id above every one in use (`live`) or on disk in
+/// `dir`: where writing begins (what a crash left of the last segment is
+/// never appended to).
+pub fn next_segment(dir: &Path, live: &HashMap<u64, u64>) -> Result<u64, StorageError> {
+    Ok(list(dir)?
+        .into_iter()
+        .chain(live.keys().copied())
+        .max()
+        .map_or(0, |last| last + 1))
+}
+
 /// At open, after the journal's sled writes are replayed: writes every body
 /// of the journal's pass at its place again, syncs what it wrote, then
-/// removes the segments no live count names. Returns the first segment id
-/// above every one in use or on disk, where writing begins.
+/// removes the segments no live count names.
 pub fn recover<'a>(
     dir: &Path,
     db: &sled::Db,
     bodies: impl IntoIterator<Item = (u64, u64, &'a [u8])>,
-) -> Result<u64, StorageError> {
+) -> Result<(), StorageError> {
     let mut files = Files::new(dir);
     for (segment, offset, body) in bodies {
         files.write(segment, offset, body)?;
@@ -487,10 +497,8 @@ pub fn recover<'a>(
     files.sync()?;
     drop(files);
     let live = live_counts(db)?;
-    let mut next = live.keys().max().map_or(0, |m| m + 1);
     let mut removed = false;
     for segment in list(dir)? {
-        next = next.max(segment + 1);
         if live.get(&segment).copied().unwrap_or(0) == 0 {
             let path = segment_path(dir, segment);
             std::fs::remove_file(&path).map_err(io_error(&path))?;
@@ -500,7 +508,7 @@ pub fn recover<'a>(
     if removed {
         super::sync_dir(&dir.join(DIR))?;
     }
-    Ok(next)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -598,7 +606,8 @@ mod tests {
         drop(files);
         db.insert(keys::body_live(5), &1u64.to_be_bytes()[..])
             .unwrap();
-        let next = recover(tmp.path(), &db, [(5u64, 0u64, &b"kept"[..])]).unwrap();
+        recover(tmp.path(), &db, [(5u64, 0u64, &b"kept"[..])]).unwrap();
+        let next = next_segment(tmp.path(), &live_counts(&db).unwrap()).unwrap();
         assert_eq!(next, 6);
         assert_eq!(list(tmp.path()).unwrap(), vec![5]);
         let reader = Reader::new(tmp.path());

@@ -96,15 +96,15 @@ pub fn usage(
         }
         let bytes = (key.len() + value.len()) as u64;
         let (kind, audit) = match key.first() {
-            Some(&keys::PENDING) if Pending::body_ref(&value).is_some() => {
-                if let Some(body) = Pending::body_ref(&value) {
+            Some(&keys::PENDING) => match Pending::body_ref(&value) {
+                Some(body) => {
                     bodies += 1;
                     body_bytes += u64::from(body.len);
+                    (PENDING_REF, false)
                 }
-                (PENDING_REF, false)
-            }
-            Some(&keys::PENDING) if Pending::is_inline(&value) => (PENDING_INLINE, false),
-            Some(&keys::PENDING) => (PENDING_PLAIN, false),
+                None if Pending::is_inline(&value) => (PENDING_INLINE, false),
+                None => (PENDING_PLAIN, false),
+            },
             Some(&first) => kind_of(first),
             None => ("store metadata", false),
         };

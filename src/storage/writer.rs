@@ -173,19 +173,13 @@ impl Writer {
             source,
         })?;
         let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
-        let options_body_segment_bytes = options.body_segment_bytes;
+        let body_segment_bytes = options.body_segment_bytes;
         let lsn = journal::applied_lsn(&db)?;
         let failure = Failure::default();
         let progress = Arc::new(Progress::new(lsn));
         let audit_tail = audit::segments::read_tail(&db)?;
-        // Writing begins in a segment of its own, past every one in use or
-        // on disk (what a crash left of the last is never appended to).
         let live = bodies::live_counts(&db)?;
-        let first_segment = bodies::list(dir)?
-            .into_iter()
-            .chain(live.keys().copied())
-            .max()
-            .map_or(0, |last| last + 1);
+        let first_segment = bodies::next_segment(dir, &live)?;
         let flusher = Flusher {
             db: db.clone(),
             progress: progress.clone(),
@@ -239,7 +233,7 @@ impl Writer {
             unapplied: VecDeque::new(),
             progress,
             last_stored: HashMap::new(),
-            placer: bodies::Placer::new(first_segment, options_body_segment_bytes),
+            placer: bodies::Placer::new(first_segment, body_segment_bytes),
             live,
             bodies: reader,
         })
