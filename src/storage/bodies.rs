@@ -30,16 +30,27 @@
 //!   checkpoint is trusted from the files.
 //!
 //! # Space
-//! Each segment has a live count in sled (`L segment` → count), updated in
-//! the same group as the pending entries that reference it. A segment is
+//! Each segment has a record in sled (`L segment` → [`SegmentInfo`]: live
+//! bodies and their bytes, its subscription, its size), updated in the
+//! same group as the pending entries that reference it. A segment is
 //! removed once its count is zero and no subscription places bodies in it
 //! any more, once the group that emptied it is durable and applied (before
 //! that group is answered). At open,
 //! segment files with no live count (emptied, or brought back by the
 //! journal replay) are removed, and writing begins in a new segment.
-//! A segment is kept whole while any of its bodies is pending: one
-//! unacked message (one a consumer holds, or nacked with a delay) holds
-//! its segment's space until it is acked, expires or is dead-lettered.
+//!
+//! # Compaction
+//! A segment's space goes only with its last body, so a few messages left
+//! pending (held by a consumer, nacked with a long delay) would pin whole
+//! segments. The writer's periodic sweep therefore compacts: a segment no
+//! longer written whose live bytes are at most half its size has its live
+//! bodies written again at the end of its subscription's current segment,
+//! in one group with their pending entries' new references, as a publish
+//! would write them; the emptied segment then goes as above. So every
+//! segment no longer written stays more than half live (short of a
+//! segment whose entries lie too far apart to find, see the writer).
+//! A reader that met the old reference (the file gone) reads the entry
+//! again and follows the new one ([`super::Store::pending_rows_of`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -139,8 +150,62 @@ pub fn list(dir: &Path) -> Result<Vec<u64>, StorageError> {
     Ok(out)
 }
 
-/// The live counts recorded in sled: segment → bodies still referenced.
-pub fn live_counts(db: &sled::Db) -> Result<HashMap<u64, u64>, StorageError> {
+/// What sled records of a segment under `L segment`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Bodies still referenced.
+    pub count: u64,
+    /// None: recorded by a build before compaction, which kept the count
+    /// alone (such a segment is never compacted; it goes with its last body).
+    pub extent: Option<Extent>,
+}
+
+/// What compaction needs to know of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes of the bodies still referenced.
+    pub live_bytes: u64,
+    /// End of its last body: the file's size.
+    pub size: u64,
+    /// The subscription whose bodies it holds.
+    pub sub: u32,
+    /// Lowest sequence of a body placed in it: its entries lie from there.
+    pub first_seq: u64,
+}
+
+impl SegmentInfo {
+    const ENCODED: usize = 8 + 8 + 8 + 4 + 8;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::ENCODED);
+        out.extend_from_slice(&self.count.to_be_bytes());
+        if let Some(e) = &self.extent {
+            out.extend_from_slice(&e.live_bytes.to_be_bytes());
+            out.extend_from_slice(&e.size.to_be_bytes());
+            out.extend_from_slice(&e.sub.to_be_bytes());
+            out.extend_from_slice(&e.first_seq.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        let count = keys::be_u64(value.get(..8)?)?;
+        let extent = match value.len() {
+            8 => None,
+            Self::ENCODED => Some(Extent {
+                live_bytes: keys::be_u64(&value[8..16])?,
+                size: keys::be_u64(&value[16..24])?,
+                sub: keys::be_u32(&value[24..28])?,
+                first_seq: keys::be_u64(&value[28..36])?,
+            }),
+            _ => return None,
+        };
+        Some(Self { count, extent })
+    }
+}
+
+/// The segments recorded in sled.
+pub fn segment_infos(db: &sled::Db) -> Result<HashMap<u64, SegmentInfo>, StorageError> {
     let mut out = HashMap::new();
     for item in db.scan_prefix([keys::BODY_LIVE]) {
         let (key, value) = item?;
@@ -148,10 +213,17 @@ pub fn live_counts(db: &sled::Db) -> Result<HashMap<u64, u64>, StorageError> {
             what: "a message segment's live count".into(),
         };
         let segment = keys::body_live_segment(&key).ok_or_else(corrupt)?;
-        let count = keys::be_u64(&value).ok_or_else(corrupt)?;
-        out.insert(segment, count);
+        out.insert(segment, SegmentInfo::decode(&value).ok_or_else(corrupt)?);
     }
     Ok(out)
+}
+
+/// The live counts recorded in sled: segment → bodies still referenced.
+pub fn live_counts(db: &sled::Db) -> Result<HashMap<u64, u64>, StorageError> {
+    Ok(segment_infos(db)?
+        .into_iter()
+        .map(|(segment, info)| (segment, info.count))
+        .collect())
 }
 
 /// Places bodies in segments for the writer: the segment and offset a body
@@ -522,6 +594,23 @@ mod tests {
             len: bytes.len() as u32,
             crc: crc32fast::hash(bytes),
         }
+    }
+
+    #[test]
+    fn segment_records_round_trip_and_a_count_alone_reads_as_never_compacted() {
+        let info = SegmentInfo {
+            count: 3,
+            extent: Some(Extent {
+                live_bytes: 3 * 157,
+                size: 16 << 20,
+                sub: 7,
+                first_seq: 42,
+            }),
+        };
+        assert_eq!(SegmentInfo::decode(&info.encode()), Some(info));
+        let legacy = SegmentInfo::decode(&5u64.to_be_bytes()).unwrap();
+        assert_eq!((legacy.count, legacy.extent), (5, None));
+        assert_eq!(SegmentInfo::decode(&[0; 12]), None);
     }
 
     #[test]

@@ -753,21 +753,51 @@ impl Store {
                 }
                 records::Body::Segment(body, _) => match read.next().flatten() {
                     Some(stored) => Some(Arc::new(StoredMessage::decode(sub.topic, seq, &stored)?)),
-                    None => {
-                        warn!(
-                            seq,
-                            segment = body.segment,
-                            subscription = %sub.name,
-                            "a pending message's body is missing from its segment file"
-                        );
-                        None
-                    }
+                    None => match self.moved_body(sub, seq, body)? {
+                        Some(stored) => {
+                            Some(Arc::new(StoredMessage::decode(sub.topic, seq, &stored)?))
+                        }
+                        None => {
+                            warn!(
+                                seq,
+                                segment = body.segment,
+                                subscription = %sub.name,
+                                "a pending message's body is missing from its segment file"
+                            );
+                            None
+                        }
+                    },
                 },
                 records::Body::TopicCopy => self.load_message(sub.topic, seq)?,
             };
             out.push((seq, pending, message));
         }
         Ok(out)
+    }
+
+    /// The body of `sub`'s entry `seq` found missing at `old`: compaction
+    /// may have moved it (and removed the file) after the entry was read,
+    /// so the entry is read again and a new reference followed.
+    fn moved_body(
+        &self,
+        sub: &SubState,
+        seq: u64,
+        mut old: bodies::BodyRef,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        // A body moves at most once per sweep: a few tries are plenty.
+        for _ in 0..3 {
+            let Some(value) = self.inner.tree.get(keys::pending(sub.id, seq))? else {
+                return Ok(None); // settled meanwhile
+            };
+            match Pending::body_ref(&value) {
+                Some(new) if new != old => match self.inner.bodies.read_one(new)? {
+                    Some(stored) => return Ok(Some(stored)),
+                    None => old = new,
+                },
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
     }
 
     /// The message of `sub`'s pending entry `seq` (inline or the topic copy).
@@ -1456,6 +1486,147 @@ mod tests {
             .into_iter()
             .map(|(seq, _, m)| (seq, m.unwrap().envelope.to_vec()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn sparse_segments_are_compacted_and_a_stale_reference_still_reads() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 157-byte stored values: two to a 400-byte segment.
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        let body = |i: u8| vec![i; 100];
+        for i in 1..=7 {
+            publish(&store, "t", &["a"], &body(i)).await;
+        }
+        assert_eq!(segments_of(tmp.path()), [0, 1, 2, 3]);
+        let a = store.subscription("a").unwrap();
+        let stale = store.db().get(keys::pending(a.id, 1)).unwrap().unwrap();
+
+        // Segments 0 and 1 become half live (each pinned by one message);
+        // segment 2 stays whole, segment 3 is still written.
+        ack(&store, "a", 2).await;
+        ack(&store, "a", 4).await;
+        assert_eq!(segments_of(tmp.path()), [0, 1, 2, 3]);
+        store.tick();
+        store.sync().await.unwrap();
+
+        // 1 went after 7 in segment 3, 3 to a new segment 4; 0 and 1 are gone.
+        assert_eq!(segments_of(tmp.path()), [2, 3, 4]);
+        let live = bodies::live_counts(store.db()).unwrap();
+        assert_eq!(
+            (live.get(&2), live.get(&3), live.get(&4)),
+            (Some(&2), Some(&2), Some(&1))
+        );
+        let expected: Vec<(u64, Vec<u8>)> = [1u8, 3, 5, 6, 7]
+            .iter()
+            .map(|&i| (u64::from(i), body(i)))
+            .collect();
+        assert_eq!(envelopes(&store, "a"), expected);
+        assert_eq!(a.depth(), 5);
+
+        // A reader that read entry 1 before the move follows it to its new place.
+        let rows = store.pending_rows_of(&a, &[(1, stale)]).unwrap();
+        assert_eq!(&rows[0].2.as_ref().unwrap().envelope[..], &body(1)[..]);
+
+        // A second sweep finds nothing more to do (segment 3 is still
+        // written, 2 and 4 are whole or current).
+        store.tick();
+        store.sync().await.unwrap();
+        assert_eq!(segments_of(tmp.path()), [2, 3, 4]);
+
+        // The moves survive a restart, and acking everything frees the space.
+        store.close().await.unwrap();
+        drop(store);
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        assert_eq!(envelopes(&store, "a"), expected);
+        for (seq, _) in &expected {
+            ack(&store, "a", *seq).await;
+        }
+        assert!(
+            segments_of(tmp.path()).len() <= 1,
+            "only a current segment may stay"
+        );
+        assert!(bodies::live_counts(store.db()).unwrap().is_empty());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_few_pinned_messages_keep_no_more_than_twice_their_bytes_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let segment = 64 << 10;
+        let store = try_open_with(tmp.path(), segment).unwrap();
+        let n = 2_000u64;
+        for _ in 0..n {
+            publish(&store, "t", &["a"], &[7; 1024]).await;
+        }
+        // Every hundredth left pending, as a consumer's held or
+        // long-delayed messages would be.
+        for seq in (1..=n).filter(|seq| seq % 100 != 0) {
+            ack(&store, "a", seq).await;
+        }
+        let on_disk = |dir: &Path| -> u64 {
+            bodies::list(dir)
+                .unwrap()
+                .into_iter()
+                .map(|s| {
+                    std::fs::metadata(bodies::segment_path(dir, s))
+                        .unwrap()
+                        .len()
+                })
+                .sum()
+        };
+        let live: u64 = bodies::segment_infos(store.db())
+            .unwrap()
+            .values()
+            .map(|info| info.extent.unwrap().live_bytes)
+            .sum();
+        assert_eq!(store.subscription("a").unwrap().depth(), 20);
+        assert!(
+            on_disk(tmp.path()) > 10 * live,
+            "pinned: {} for {live}",
+            on_disk(tmp.path())
+        );
+        store.tick();
+        store.sync().await.unwrap();
+        let after = on_disk(tmp.path());
+        assert!(
+            after <= 2 * live + segment,
+            "{after} bytes on disk for {live} live"
+        );
+        assert_eq!(envelopes(&store, "a").len(), 20);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_compaction_sled_lost_comes_back_from_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = tmp.path().join("live");
+        let store = try_open_with(&live, 400).unwrap();
+        for i in 1..=5 {
+            publish(&store, "t", &["a"], &[i; 100]).await;
+        }
+        ack(&store, "a", 2).await;
+        store.close().await.unwrap();
+        drop(store);
+        // sled and the segments before the compaction.
+        let lost = tmp.path().join("lost");
+        copy_dir(&live, &lost);
+
+        let store = try_open_with(&live, 400).unwrap();
+        store.tick();
+        store.sync().await.unwrap();
+        assert!(!segments_of(&live).contains(&0), "segment 0 compacted away");
+        store.close().await.unwrap();
+        drop(store);
+        // A power cut after the unlink of segment 0, before sled or the new
+        // segment reached the disk: only the journal has the move.
+        std::fs::copy(live.join(journal::FILE), lost.join(journal::FILE)).unwrap();
+        std::fs::remove_file(bodies::segment_path(&lost, 0)).unwrap();
+        let store = try_open_with(&lost, 400).unwrap();
+        let got = envelopes(&store, "a");
+        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3, 4, 5]);
+        assert_eq!(got[0].1, vec![1; 100]);
+        assert!(!segments_of(&lost).contains(&0));
+        store.close().await.unwrap();
     }
 
     #[tokio::test]

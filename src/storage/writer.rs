@@ -30,6 +30,7 @@ use super::{
 };
 use crate::audit::{self, AuditEvent, Chain, EventKind};
 
+mod compact;
 mod flusher;
 mod operator;
 
@@ -91,9 +92,12 @@ pub(super) struct Writer {
     last_stored: HashMap<u32, u64>,
     /// Where the next message body of each subscription goes.
     placer: bodies::Placer,
-    /// Per message segment, its bodies still referenced as of the groups
-    /// built so far (absent: none).
-    live: HashMap<u64, u64>,
+    /// Per message segment, its bodies still referenced (and their bytes)
+    /// as of the groups built so far (absent: none).
+    segments: HashMap<u64, bodies::SegmentInfo>,
+    /// Segments compaction could not take whole, with their live count
+    /// then: not tried again until that count changes.
+    compact_tried: HashMap<u64, u64>,
     /// Reads bodies for the expiry sweep.
     bodies: Arc<bodies::Reader>,
 }
@@ -123,7 +127,16 @@ struct Group {
     publishes: u64,
     /// Per message segment, bodies referenced by the group's entries less
     /// those released.
-    body_deltas: HashMap<u64, i64>,
+    body_deltas: HashMap<u64, SegmentDelta>,
+}
+
+/// What a group changes of one message segment.
+#[derive(Default)]
+struct SegmentDelta {
+    count: i64,
+    bytes: i64,
+    /// Bodies placed in it: (subscription, lowest sequence, end of the last).
+    placed: Option<(u32, u64, u64)>,
 }
 
 impl Group {
@@ -141,8 +154,22 @@ impl Group {
     }
 
     /// A pending entry whose body is in `segment` is gone.
-    fn release_body(&mut self, segment: u64) {
-        *self.body_deltas.entry(segment).or_default() -= 1;
+    /// A pending entry of `sub` for `seq` now refers to `body`.
+    fn place_body(&mut self, sub: u32, seq: u64, body: &BodyRef) {
+        let delta = self.body_deltas.entry(body.segment).or_default();
+        delta.count += 1;
+        delta.bytes += i64::from(body.len);
+        let end = body.offset + u64::from(body.len);
+        let placed = delta.placed.get_or_insert((sub, seq, end));
+        placed.1 = placed.1.min(seq);
+        placed.2 = placed.2.max(end);
+    }
+
+    /// A pending entry no longer refers to `body`.
+    fn release_body(&mut self, body: &BodyRef) {
+        let delta = self.body_deltas.entry(body.segment).or_default();
+        delta.count -= 1;
+        delta.bytes -= i64::from(body.len);
     }
 
     fn delta(&mut self, sub: &Arc<SubState>, depth: i64, dead: i64) {
@@ -178,7 +205,8 @@ impl Writer {
         let failure = Failure::default();
         let progress = Arc::new(Progress::new(lsn));
         let audit_tail = audit::segments::read_tail(&db)?;
-        let live = bodies::live_counts(&db)?;
+        let segments = bodies::segment_infos(&db)?;
+        let live = segments.iter().map(|(&s, info)| (s, info.count)).collect();
         let first_segment = bodies::next_segment(dir, &live)?;
         let flusher = Flusher {
             db: db.clone(),
@@ -234,7 +262,8 @@ impl Writer {
             progress,
             last_stored: HashMap::new(),
             placer: bodies::Placer::new(first_segment, body_segment_bytes),
-            live,
+            segments,
+            compact_tried: HashMap::new(),
             bodies: reader,
         })
     }
@@ -334,7 +363,7 @@ impl Writer {
                 }
                 Op::Tick => {
                     self.wait_applied();
-                    self.sweep(group, now)
+                    self.sweep(group, now).and_then(|()| self.compact(group))
                 }
                 Op::Redrive(op) => {
                     self.wait_applied();
@@ -521,7 +550,7 @@ impl Writer {
                     crc: crc32fast::hash(&value),
                 };
                 inline_entry = Some(Pending::default().encode_ref(&body, &value));
-                *group.body_deltas.entry(segment).or_default() += 1;
+                group.place_body(sub.id, seq, &body);
                 group.put_owned(&keys::body(segment, offset), value);
             } else {
                 group.put_owned(&keys::message(topic, seq), value);
@@ -640,8 +669,8 @@ impl Writer {
             return Ok(()); // already settled (e.g. expired and acked at once)
         };
         group.del(&key);
-        if let Some(segment) = entry.segment {
-            group.release_body(segment);
+        if let Some(body) = &entry.body {
+            group.release_body(body);
         }
         let mut event = match outcome {
             Outcome::Ack => AuditEvent::new(EventKind::Ack, agency),
@@ -965,25 +994,37 @@ impl Writer {
         // bodies are still being placed in it.
         let mut remove_segments = Vec::new();
         for (segment, delta) in body_deltas {
-            let count = apply_delta(self.live.get(&segment).copied().unwrap_or(0), delta);
-            if count == 0 {
-                self.live.remove(&segment);
+            let mut info = self.segments.get(&segment).copied().unwrap_or_default();
+            info.count = apply_delta(info.count, delta.count);
+            if let Some((sub, first_seq, end)) = delta.placed {
+                let extent = info.extent.get_or_insert(bodies::Extent {
+                    live_bytes: 0,
+                    size: 0,
+                    sub,
+                    first_seq,
+                });
+                extent.first_seq = extent.first_seq.min(first_seq);
+                extent.size = extent.size.max(end);
+            }
+            if let Some(extent) = info.extent.as_mut() {
+                extent.live_bytes = apply_delta(extent.live_bytes, delta.bytes);
+            }
+            if info.count == 0 {
+                self.segments.remove(&segment);
+                self.compact_tried.remove(&segment);
                 changes.insert(keys::body_live(segment).to_vec(), None);
                 if !self.placer.is_current(segment) {
                     remove_segments.push(segment);
                 }
             } else {
-                self.live.insert(segment, count);
-                changes.insert(
-                    keys::body_live(segment).to_vec(),
-                    Some(count.to_be_bytes().to_vec()),
-                );
+                self.segments.insert(segment, info);
+                changes.insert(keys::body_live(segment).to_vec(), Some(info.encode()));
             }
         }
         // Segments a subscription has moved on from since the last group:
         // those emptied while they were being written go now.
         for segment in self.placer.take_retired() {
-            if !self.live.contains_key(&segment) && !remove_segments.contains(&segment) {
+            if !self.segments.contains_key(&segment) && !remove_segments.contains(&segment) {
                 remove_segments.push(segment);
             }
         }
@@ -1056,15 +1097,15 @@ impl Writer {
 pub(super) struct EntryState {
     /// The message is inline or in a segment file: there is no topic copy.
     pub own_copy: bool,
-    /// The segment file holding its body.
-    pub segment: Option<u64>,
+    /// Where its body lies in a segment file.
+    pub body: Option<BodyRef>,
 }
 
 impl EntryState {
     pub(super) fn of(value: &[u8]) -> Self {
         Self {
             own_copy: Pending::is_inline(value),
-            segment: Pending::body_ref(value).map(|body| body.segment),
+            body: Pending::body_ref(value),
         }
     }
 }

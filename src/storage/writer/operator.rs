@@ -196,8 +196,8 @@ impl Writer {
         let removed = doomed.len() as u64;
         for (seq, entry) in doomed {
             group.del(&keys::pending(sub.id, seq));
-            if let Some(segment) = entry.segment {
-                group.release_body(segment);
+            if let Some(body) = &entry.body {
+                group.release_body(body);
             }
             if !entry.own_copy {
                 self.release(group, sub.id, topic, seq, None)?;
