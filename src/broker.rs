@@ -252,6 +252,7 @@ impl Broker {
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
             audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
             body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
+            compact_after: crate::storage::bodies::COMPACT_AFTER,
             reports: config
                 .agencies
                 .iter()

@@ -31,6 +31,7 @@ pub fn open_store(
             audit_retention: Some(AUDIT_RETENTION),
             audit_segment_bytes: joinery::audit::segments::SEGMENT_BYTES,
             body_segment_bytes: joinery::storage::bodies::SEGMENT_BYTES,
+            compact_after: joinery::storage::bodies::COMPACT_AFTER,
             reports: Vec::new(),
         },
         topics,

@@ -64,6 +64,10 @@ use super::{io_error, keys, StorageError};
 pub const DIR: &str = "messages";
 /// Size past which a segment is closed and the next begun.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// How long a segment stays at most half live before compaction moves its
+/// live bodies (a segment being consumed passes through half live within
+/// moments; one pinned by a few messages stays so).
+pub const COMPACT_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// Most segment files the flusher keeps open for writing.
 const OPEN_FILES: usize = 64;
 /// Bytes of the stored value kept in its reference: format, publish and

@@ -141,6 +141,10 @@ pub struct StoreOptions {
     /// Size past which a message segment is closed and the next begun
     /// (normally [`bodies::SEGMENT_BYTES`]).
     pub body_segment_bytes: u64,
+    /// How long a message segment stays at most half live before it is
+    /// compacted (normally [`bodies::COMPACT_AFTER`]): a segment being
+    /// consumed passes through half live on its way to empty.
+    pub compact_after: Duration,
     /// (agency, report topic, report subscription): where delivery reports
     /// about the agency's messages go.
     pub reports: Vec<(String, String, String)>,
@@ -1248,6 +1252,14 @@ mod tests {
     }
 
     fn try_open_with(dir: &Path, body_segment_bytes: u64) -> Result<Store, StorageError> {
+        try_open_compacting_after(dir, body_segment_bytes, Duration::ZERO)
+    }
+
+    fn try_open_compacting_after(
+        dir: &Path,
+        body_segment_bytes: u64,
+        compact_after: Duration,
+    ) -> Result<Store, StorageError> {
         Store::open(
             dir,
             StoreOptions {
@@ -1257,6 +1269,7 @@ mod tests {
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 body_segment_bytes,
+                compact_after,
                 reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],
@@ -1593,6 +1606,33 @@ mod tests {
             "{after} bytes on disk for {live} live"
         );
         assert_eq!(envelopes(&store, "a").len(), 20);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_segment_is_compacted_only_once_it_has_stayed_sparse() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = try_open_compacting_after(tmp.path(), 400, Duration::from_millis(300)).unwrap();
+        for i in 1..=3 {
+            publish(&store, "t", &["a"], &[i; 100]).await;
+        }
+        ack(&store, "a", 2).await;
+        // Half live, but only just: as a segment being consumed would be.
+        store.tick();
+        store.sync().await.unwrap();
+        assert_eq!(segments_of(tmp.path()), [0, 1]);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        store.tick();
+        store.sync().await.unwrap();
+        // 1 went after 3 in segment 1, still being written.
+        assert_eq!(segments_of(tmp.path()), [1]);
+        assert_eq!(
+            envelopes(&store, "a")
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            [1, 3]
+        );
         store.close().await.unwrap();
     }
 
@@ -2168,6 +2208,7 @@ mod tests {
             // About one publish record per segment.
             audit_segment_bytes: 64,
             body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
+            compact_after: crate::storage::bodies::COMPACT_AFTER,
             reports: Vec::new(),
         };
         let topics = ["t".to_string()];
@@ -2221,6 +2262,7 @@ mod tests {
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
+                compact_after: crate::storage::bodies::COMPACT_AFTER,
                 reports: Vec::new(),
             },
             &["t".to_string()],
@@ -2244,6 +2286,7 @@ mod tests {
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
+                compact_after: crate::storage::bodies::COMPACT_AFTER,
                 reports: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],

@@ -173,6 +173,7 @@ mod tests {
                 audit_retention: Some(Duration::from_secs(86400)),
                 audit_segment_bytes: crate::audit::segments::SEGMENT_BYTES,
                 body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
+                compact_after: crate::storage::bodies::COMPACT_AFTER,
                 reports: Vec::new(),
             },
             &["t".to_string()],

@@ -98,6 +98,8 @@ pub(super) struct Writer {
     /// Segments compaction could not take whole, with their live count
     /// then: not tried again until that count changes.
     compact_tried: HashMap<u64, u64>,
+    /// When each segment no longer written was first seen at most half live.
+    sparse_since: HashMap<u64, Instant>,
     /// Reads bodies for the expiry sweep.
     bodies: Arc<bodies::Reader>,
 }
@@ -264,6 +266,7 @@ impl Writer {
             placer: bodies::Placer::new(first_segment, body_segment_bytes),
             segments,
             compact_tried: HashMap::new(),
+            sparse_since: HashMap::new(),
             bodies: reader,
         })
     }
@@ -1012,6 +1015,7 @@ impl Writer {
             if info.count == 0 {
                 self.segments.remove(&segment);
                 self.compact_tried.remove(&segment);
+                self.sparse_since.remove(&segment);
                 changes.insert(keys::body_live(segment).to_vec(), None);
                 if !self.placer.is_current(segment) {
                     remove_segments.push(segment);

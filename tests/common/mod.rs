@@ -530,6 +530,7 @@ pub fn open_store(data_dir: &Path, config: &Config) -> joinery::storage::Store {
             audit_retention: config.audit.enabled.then_some(config.audit.retention),
             audit_segment_bytes: joinery::audit::segments::SEGMENT_BYTES,
             body_segment_bytes: joinery::storage::bodies::SEGMENT_BYTES,
+            compact_after: joinery::storage::bodies::COMPACT_AFTER,
             reports: Vec::new(),
         },
         &topics,

@@ -3,6 +3,8 @@
 //! them written again at the end of their subscription's current segment,
 //! so that a few messages left pending never pin whole segments.
 
+use std::time::Instant;
+
 use tracing::{info, warn};
 
 use super::super::bodies::BodyRef;
@@ -36,6 +38,14 @@ impl Writer {
                 None => (info.count, extent.live_bytes),
             };
             if count == 0 || bytes.saturating_mul(2) > extent.size {
+                continue;
+            }
+            // Only once it has stayed so: not one a consumer is emptying.
+            let since = *self
+                .sparse_since
+                .entry(segment)
+                .or_insert_with(Instant::now);
+            if since.elapsed() < self.options.compact_after {
                 continue;
             }
             if self.compact_tried.get(&segment) == Some(&count) {
