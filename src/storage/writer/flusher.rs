@@ -468,14 +468,15 @@ fn answer(group: Applied, result: &Result<(), StorageError>) {
             for (topic, seq) in &group.committed {
                 topic.committed.fetch_max(*seq, Ordering::AcqRel);
             }
+            // Dispatchers first: a delivery's path is longer than a reply's.
+            for sub in &group.woken {
+                sub.notify.notify_one();
+            }
             for (reply, published) in group.replies {
                 let _ = reply.send(Ok(published));
             }
             for reply in group.syncs {
                 let _ = reply.send(Ok(()));
-            }
-            for sub in &group.woken {
-                sub.notify.notify_one();
             }
         }
         Err(e) => group.refuse(&e.to_string()),
