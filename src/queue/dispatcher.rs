@@ -149,7 +149,10 @@ impl Dispatcher {
                 self.expire(message).await;
             }
             self.fire_timers().await;
-            if self.ready.len() < REFILL_BELOW && self.cursor <= self.topic.committed() {
+            // Fresh messages come before their sequence is committed.
+            if self.ready.len() < REFILL_BELOW
+                && (self.cursor <= self.topic.committed() || self.state.has_fresh())
+            {
                 if let Err(e) = self.refill().await {
                     error!(cause = %e, "reading pending messages failed; retrying in 1s");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -270,7 +270,7 @@ impl SubState {
     }
 
     /// Hands over a message just made durable for this subscription (called
-    /// after the group that wrote it is applied, before its sequence is
+    /// once the group that wrote it is journaled, before its sequence is
     /// published as committed).
     fn push_fresh(&self, after: u64, message: Arc<StoredMessage>) {
         let mut fresh = self.fresh();
@@ -283,6 +283,11 @@ impl SubState {
         }
         fresh.bytes += size;
         fresh.entries.push_back((after, message));
+    }
+
+    /// Whether [`Fresh`] holds anything for the dispatcher to look at.
+    pub fn has_fresh(&self) -> bool {
+        !self.fresh().entries.is_empty()
     }
 
     /// Whether a message just stored would find room in [`Fresh`].

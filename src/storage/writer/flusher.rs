@@ -6,8 +6,13 @@
 //! # Invariants
 //! - A group reaches sled only after its journal record is written and
 //!   synced (see [`super::super::journal`]), and is answered only after it
-//!   is applied: whatever a client was told, or a dispatcher woken for, is
-//!   both durable and readable in sled.
+//!   is applied: whatever a client was told is both durable and readable
+//!   in sled.
+//! - The messages a group stored are handed to their dispatchers once its
+//!   journal record is synced, while sled is written: durable, they may be
+//!   delivered. A dispatcher reads sled only up to the committed sequences,
+//!   published once applied, and an ack or nack of such a delivery finds
+//!   the entry in the writer's view of groups not yet applied.
 //! - Groups are applied and answered in the order the writer built them.
 //! - Several groups waiting together share one journal write and sync.
 //! - The journal is written from its start again only after a checkpoint:
@@ -242,9 +247,10 @@ impl Flusher {
     pub(super) fn complete(&mut self, groups: Vec<Applied>) {
         let started = Instant::now();
         let needs_flush = groups.iter().any(|g| g.needs_flush);
+        let mut groups = groups;
         let result = match failure_of(&self.failed) {
             Some(reason) => Err(StorageError::Unavailable(reason)),
-            None if needs_flush => self.sync(&groups),
+            None if needs_flush => self.sync(&mut groups),
             None => Ok(()),
         };
         if let Some(last) = groups.iter().filter_map(|g| g.record.as_ref()).next_back() {
@@ -301,10 +307,27 @@ impl Flusher {
 
     /// Journals the groups' writes, applies them to sled, and checkpoints
     /// when the journal is full or a group asked for it.
-    fn sync(&mut self, groups: &[Applied]) -> Result<(), StorageError> {
+    fn sync(&mut self, groups: &mut [Applied]) -> Result<(), StorageError> {
+        self.journal.append(
+            groups
+                .iter()
+                .filter_map(|g| g.record.as_ref())
+                .map(|(lsn, changes)| (*lsn, &**changes)),
+        )?;
+        // Durable: the dispatchers may deliver while sled is written.
+        let mut handed: Vec<Arc<SubState>> = Vec::new();
+        for group in groups.iter_mut() {
+            for (sub, after, message) in group.fresh.drain(..) {
+                sub.push_fresh(after, message);
+                if !handed.iter().any(|s| s.id == sub.id) {
+                    handed.push(sub);
+                }
+            }
+        }
+        for sub in handed {
+            sub.notify.notify_one();
+        }
         let records = || groups.iter().filter_map(|g| g.record.as_ref());
-        self.journal
-            .append(records().map(|(lsn, changes)| (*lsn, &**changes)))?;
         for (lsn, changes) in records() {
             apply(&self.db, &mut self.audit, &mut self.bodies, changes, *lsn)?;
         }
