@@ -16,14 +16,14 @@ use super::{apply_delta, Group, Writer};
 /// Most pending entries read looking for one segment's entries. A segment
 /// whose live entries lie further apart is left as it is.
 const SCAN_ENTRIES: usize = 65_536;
-/// Bytes moved per sweep, past which no further segment is begun.
+/// Most bytes moved per sweep (one group), unless a single segment holds more.
 const MOVE_BYTES: u64 = 8 << 20;
 
 impl Writer {
     /// Moves the live bodies of sparse segments (oldest first). Called from
     /// the sweep, once every group handed over is applied.
     pub(super) fn compact(&mut self, group: &mut Group) -> Result<(), StorageError> {
-        let mut candidates: Vec<(u64, u32, u64, u64)> = Vec::new();
+        let mut candidates: Vec<(u64, u32, u64, u64, u64)> = Vec::new();
         for (&segment, info) in &self.segments {
             let Some(extent) = info.extent else { continue };
             if self.placer.is_current(segment) {
@@ -51,13 +51,13 @@ impl Writer {
             if self.compact_tried.get(&segment) == Some(&count) {
                 continue;
             }
-            candidates.push((segment, extent.sub, extent.first_seq, count));
+            candidates.push((segment, extent.sub, extent.first_seq, count, bytes));
         }
         candidates.sort_unstable();
         let mut moved_bytes = 0;
-        for (segment, sub, first_seq, count) in candidates {
-            if moved_bytes >= MOVE_BYTES {
-                break;
+        for (segment, sub, first_seq, count, bytes) in candidates {
+            if moved_bytes > 0 && moved_bytes + bytes > MOVE_BYTES {
+                continue; // the next sweep's
             }
             match self.move_segment(group, segment, sub, first_seq, count)? {
                 Some(bytes) => moved_bytes += bytes,
