@@ -1506,15 +1506,22 @@ mod tests {
             .collect()
     }
 
+    /// A store with 400-byte message segments and messages 1..=`n` for
+    /// subscription a, the i-th `[i; 100]`: 157-byte stored values, two to
+    /// a segment.
+    async fn small_segments_with(n: u8) -> (tempfile::TempDir, Store) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = try_open_with(tmp.path(), 400).unwrap();
+        for i in 1..=n {
+            assert_eq!(publish(&store, "t", &["a"], &[i; 100]).await, u64::from(i));
+        }
+        (tmp, store)
+    }
+
     #[tokio::test]
     async fn sparse_segments_are_compacted_and_a_stale_reference_still_reads() {
-        let tmp = tempfile::tempdir().unwrap();
-        // 157-byte stored values: two to a 400-byte segment.
-        let store = try_open_with(tmp.path(), 400).unwrap();
+        let (tmp, store) = small_segments_with(7).await;
         let body = |i: u8| vec![i; 100];
-        for i in 1..=7 {
-            publish(&store, "t", &["a"], &body(i)).await;
-        }
         assert_eq!(segments_of(tmp.path()), [0, 1, 2, 3]);
         let a = store.subscription("a").unwrap();
         let stale = store.db().get(keys::pending(a.id, 1)).unwrap().unwrap();
@@ -1676,13 +1683,8 @@ mod tests {
 
     #[tokio::test]
     async fn message_bodies_live_in_segment_files_that_go_once_nothing_refers_to_them() {
-        let tmp = tempfile::tempdir().unwrap();
-        // Stored values of these messages are 157 bytes: two to a segment.
-        let store = try_open_with(tmp.path(), 400).unwrap();
+        let (tmp, store) = small_segments_with(5).await;
         let body = |i: u8| vec![i; 100];
-        for i in 1..=5 {
-            assert_eq!(publish(&store, "t", &["a"], &body(i)).await, u64::from(i));
-        }
         assert_eq!(segments_of(tmp.path()), [0, 1, 2]);
         assert_eq!(keys_of(&store, keys::MESSAGE), 0, "no topic copies");
         let live = bodies::live_counts(store.db()).unwrap();
