@@ -46,9 +46,10 @@
 //! longer written whose live bytes are at most half its size has its live
 //! bodies written again at the end of its subscription's current segment,
 //! in one group with their pending entries' new references, as a publish
-//! would write them; the emptied segment then goes as above. So every
-//! segment no longer written stays more than half live (short of a
-//! segment whose entries lie too far apart to find, see the writer).
+//! would write them; the emptied segment then goes as above. A sweep does
+//! a bounded amount of this, so a segment may take several. So every
+//! segment no longer written ends more than half live, short of one with a
+//! damaged body.
 //! A reader that met the old reference (the file gone) reads the entry
 //! again and follows the new one ([`super::Store::pending_rows_of`]).
 

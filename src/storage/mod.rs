@@ -1610,14 +1610,54 @@ mod tests {
             "pinned: {} for {live}",
             on_disk(tmp.path())
         );
+        // A sweep moves a bounded amount (4 KiB in tests): a few sweeps.
+        let mut sweeps = 0;
+        while on_disk(tmp.path()) > 2 * live + segment {
+            sweeps += 1;
+            assert!(
+                sweeps <= 20,
+                "{} bytes on disk for {live} live",
+                on_disk(tmp.path())
+            );
+            store.tick();
+            store.sync().await.unwrap();
+        }
+        assert!(sweeps > 1, "each sweep moves at most 4 KiB here");
+        assert_eq!(envelopes(&store, "a").len(), 20);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn compaction_reads_a_bounded_number_of_entries_per_sweep_and_goes_on_from_there() {
+        let (tmp, store) = small_segments_with(20).await;
+        // Segment 0 half live: 1 moves to a new segment 10, whose lowest
+        // sequence is then 1.
+        ack(&store, "a", 2).await;
         store.tick();
         store.sync().await.unwrap();
-        let after = on_disk(tmp.path());
-        assert!(
-            after <= 2 * live + segment,
-            "{after} bytes on disk for {live} live"
+        assert!(!segments_of(tmp.path()).contains(&0));
+        for i in 21..=25 {
+            publish(&store, "t", &["a"], &[i; 100]).await;
+        }
+        // Segment 10 holds 1 and 21; with 1 acked it is half live, and its
+        // one live entry lies past the 18 pending entries 3..=20 of full
+        // segments: more than a sweep reads in tests (8).
+        ack(&store, "a", 1).await;
+        let mut sweeps = 0;
+        while segments_of(tmp.path()).contains(&10) {
+            sweeps += 1;
+            assert!(sweeps <= 5, "segment 10 still there after {sweeps} sweeps");
+            store.tick();
+            store.sync().await.unwrap();
+        }
+        assert_eq!(
+            sweeps, 3,
+            "8 entries a sweep: 3..=10, 11..=18, then 19..=21"
         );
-        assert_eq!(envelopes(&store, "a").len(), 20);
+        let rows = envelopes(&store, "a");
+        let seqs: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(seqs, (3..=25).collect::<Vec<_>>());
+        assert_eq!(rows[18].1, vec![21; 100]);
         store.close().await.unwrap();
     }
 

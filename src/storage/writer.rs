@@ -139,6 +139,8 @@ struct SegmentDelta {
     bytes: i64,
     /// Bodies placed in it: (subscription, lowest sequence, end of the last).
     placed: Option<(u32, u64, u64)>,
+    /// Compaction has moved every body of it below this sequence.
+    first_seq_at_least: Option<u64>,
 }
 
 impl Group {
@@ -165,6 +167,12 @@ impl Group {
         let placed = delta.placed.get_or_insert((sub, seq, end));
         placed.1 = placed.1.min(seq);
         placed.2 = placed.2.max(end);
+    }
+
+    /// No entry below `seq` refers to `segment` any more.
+    fn raise_first_seq(&mut self, segment: u64, seq: u64) {
+        let delta = self.body_deltas.entry(segment).or_default();
+        delta.first_seq_at_least = Some(delta.first_seq_at_least.unwrap_or(0).max(seq));
     }
 
     /// A pending entry no longer refers to `body`.
@@ -918,12 +926,19 @@ impl Writer {
                                     // Not fatal to the store: the dispatcher
                                     // meets the same error when it reads the
                                     // entry, and names it.
-                                    Some(body) => match bodies.read_one(body) {
-                                        Ok(read) => read.map(Cow::Owned),
-                                        Err(e) => {
-                                            warn!(cause = %e, seq, "an expired message's body is unreadable");
-                                            None
-                                        }
+                                    // Moved by a compaction in this very
+                                    // group: not in its file yet.
+                                    Some(body) => match self
+                                        .unapplied(group, &keys::body(body.segment, body.offset))
+                                    {
+                                        Some(Some(moved)) => Some(Cow::Owned(moved.to_vec())),
+                                        _ => match bodies.read_one(body) {
+                                            Ok(read) => read.map(Cow::Owned),
+                                            Err(e) => {
+                                                warn!(cause = %e, seq, "an expired message's body is unreadable");
+                                                None
+                                            }
+                                        },
                                     },
                                 };
                                 // A body whose file is gone cannot be
@@ -1011,6 +1026,9 @@ impl Writer {
             }
             if let Some(extent) = info.extent.as_mut() {
                 extent.live_bytes = apply_delta(extent.live_bytes, delta.bytes);
+                if let Some(floor) = delta.first_seq_at_least {
+                    extent.first_seq = extent.first_seq.max(floor);
+                }
             }
             if info.count == 0 {
                 self.segments.remove(&segment);

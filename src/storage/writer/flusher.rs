@@ -283,12 +283,14 @@ impl Flusher {
             // its space by the time it is answered). A crash before the
             // next checkpoint may bring one back from the journal; the
             // next open removes it again (it has no live count).
-            self.reader.forget(&emptied);
+            // Unlinked before the readers drop their handles: a reader
+            // opening one meanwhile would keep its space until restart.
             match self.bodies.remove(&emptied) {
                 Ok(()) => debug!(segments = emptied.len(), "message segments removed"),
                 // Left behind, it has no live count: the next open removes it.
                 Err(e) => warn!(cause = %e, "removing emptied message segments failed"),
             }
+            self.reader.forget(&emptied);
         }
         for group in groups {
             answer(group, &result);
@@ -314,7 +316,16 @@ impl Flusher {
                 .filter_map(|g| g.record.as_ref())
                 .map(|(lsn, changes)| (*lsn, &**changes)),
         )?;
-        // Durable: the dispatchers may deliver while sled is written.
+        // The bodies next, of every group: a full disk or a failing file
+        // shows here, before anything is delivered.
+        for (_, changes) in groups.iter().filter_map(|g| g.record.as_ref()) {
+            write_bodies(&mut self.bodies, changes)?;
+        }
+        self.bodies.flush()?;
+        // Durable and in their files: the dispatchers may deliver while
+        // sled is written (if that fails, the publish is refused although
+        // its message may have been delivered: it is in the journal, and
+        // comes back with it at the next start).
         let mut handed: Vec<Arc<SubState>> = Vec::new();
         for group in groups.iter_mut() {
             for (sub, after, message) in group.fresh.drain(..) {
@@ -329,7 +340,7 @@ impl Flusher {
         }
         let records = || groups.iter().filter_map(|g| g.record.as_ref());
         for (lsn, changes) in records() {
-            apply(&self.db, &mut self.audit, &mut self.bodies, changes, *lsn)?;
+            apply(&self.db, &mut self.audit, changes, *lsn)?;
         }
         self.audit.write()?;
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
@@ -441,22 +452,14 @@ impl Flusher {
 /// applied, so the order keeps what they rely on: inserts in key order (a
 /// message `m` before its pending entries `p`), then removals in reverse key
 /// order (pending entries before their message). Dispatchers deliver no
-/// sequence before its group is applied.
+/// sequence past the committed one, published once its group is applied.
+/// The group's bodies are already in their files ([`write_bodies`]).
 fn apply(
     db: &sled::Db,
     audit: &mut crate::audit::segments::Appender,
-    bodies: &mut crate::storage::bodies::Files,
     changes: &Changes,
     lsn: u64,
 ) -> Result<(), StorageError> {
-    // Bodies first, written together: each is in its file before the
-    // pending entry that refers to it is in sled.
-    for (key, value) in changes.range(vec![keys::BODY]..vec![keys::BODY + 1]) {
-        if let (Some((segment, offset)), Some(value)) = (keys::parse_body(key), value) {
-            bodies.write(segment, offset, value)?;
-        }
-    }
-    bodies.flush()?;
     for (key, value) in changes {
         let Some(value) = value else { continue };
         if keys::parse_body(key).is_some() {
@@ -474,6 +477,21 @@ fn apply(
         db.remove(&key[..])?;
     }
     db.insert(keys::JOURNAL_LSN, &lsn.to_be_bytes())?;
+    Ok(())
+}
+
+/// Writes a group's message bodies at their places (gathered; written once
+/// the caller flushes `bodies`): each is in its file before the pending
+/// entry that refers to it is in sled.
+fn write_bodies(
+    bodies: &mut crate::storage::bodies::Files,
+    changes: &Changes,
+) -> Result<(), StorageError> {
+    for (key, value) in changes.range(vec![keys::BODY]..vec![keys::BODY + 1]) {
+        if let (Some((segment, offset)), Some(value)) = (keys::parse_body(key), value) {
+            bodies.write(segment, offset, value)?;
+        }
+    }
     Ok(())
 }
 
