@@ -157,7 +157,6 @@ impl Group {
         self.changes.insert(key.to_vec(), None);
     }
 
-    /// A pending entry whose body is in `segment` is gone.
     /// A pending entry of `sub` for `seq` now refers to `body`.
     fn place_body(&mut self, sub: u32, seq: u64, body: &BodyRef) {
         let delta = self.body_deltas.entry(body.segment).or_default();

@@ -51,7 +51,8 @@ pub(super) struct Applied {
     /// Topic sequences that become visible to dispatchers.
     pub committed: Vec<(Arc<TopicState>, u64)>,
     pub woken: Vec<Arc<SubState>>,
-    /// Messages stored, handed to their dispatchers once durable.
+    /// Messages stored, handed to their dispatchers once durable (by
+    /// [`Flusher::sync`], after the journal sync and the body writes).
     pub fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
     /// Counters as written in the group: (subscription, depth, dead letters).
     pub counts: Vec<(Arc<SubState>, u64, u64)>,
@@ -244,10 +245,9 @@ pub(super) struct Flusher {
 const BLOB_DIR_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Flusher {
-    pub(super) fn complete(&mut self, groups: Vec<Applied>) {
+    pub(super) fn complete(&mut self, mut groups: Vec<Applied>) {
         let started = Instant::now();
         let needs_flush = groups.iter().any(|g| g.needs_flush);
-        let mut groups = groups;
         let result = match failure_of(&self.failed) {
             Some(reason) => Err(StorageError::Unavailable(reason)),
             None if needs_flush => self.sync(&mut groups),
@@ -502,9 +502,6 @@ fn answer(group: Applied, result: &Result<(), StorageError>) {
             for (sub, depth, dead) in &group.counts {
                 sub.depth.store(*depth, Ordering::Relaxed);
                 sub.dead_letters.store(*dead, Ordering::Relaxed);
-            }
-            for (sub, after, message) in group.fresh {
-                sub.push_fresh(after, message);
             }
             for (topic, seq) in &group.committed {
                 topic.committed.fetch_max(*seq, Ordering::AcqRel);
