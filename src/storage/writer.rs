@@ -95,8 +95,8 @@ pub(super) struct Writer {
     /// Per message segment, its bodies still referenced (and their bytes)
     /// as of the groups built so far (absent: none).
     segments: HashMap<u64, bodies::SegmentInfo>,
-    /// Segments compaction could not take whole, with their live count
-    /// then: not tried again until that count changes.
+    /// Segments with a body compaction could not read, with their live
+    /// count then: not tried again until that count changes.
     compact_tried: HashMap<u64, u64>,
     /// When each segment no longer written was first seen at most half live.
     sparse_since: HashMap<u64, Instant>,
