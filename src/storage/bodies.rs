@@ -551,10 +551,10 @@ impl Reader {
 /// The first segment id above every one in use (`live`) or on disk in
 /// `dir`: where writing begins (what a crash left of the last segment is
 /// never appended to).
-pub fn next_segment(dir: &Path, live: &HashMap<u64, u64>) -> Result<u64, StorageError> {
+pub fn next_segment(dir: &Path, live: impl IntoIterator<Item = u64>) -> Result<u64, StorageError> {
     Ok(list(dir)?
         .into_iter()
-        .chain(live.keys().copied())
+        .chain(live)
         .max()
         .map_or(0, |last| last + 1))
 }
@@ -701,7 +701,7 @@ mod tests {
         db.insert(keys::body_live(5), &1u64.to_be_bytes()[..])
             .unwrap();
         recover(tmp.path(), &db, [(5u64, 0u64, &b"kept"[..])]).unwrap();
-        let next = next_segment(tmp.path(), &live_counts(&db).unwrap()).unwrap();
+        let next = next_segment(tmp.path(), live_counts(&db).unwrap().into_keys()).unwrap();
         assert_eq!(next, 6);
         assert_eq!(list(tmp.path()).unwrap(), vec![5]);
         let reader = Reader::new(tmp.path());

@@ -215,8 +215,7 @@ impl Writer {
         let progress = Arc::new(Progress::new(lsn));
         let audit_tail = audit::segments::read_tail(&db)?;
         let segments = bodies::segment_infos(&db)?;
-        let live = segments.iter().map(|(&s, info)| (s, info.count)).collect();
-        let first_segment = bodies::next_segment(dir, &live)?;
+        let first_segment = bodies::next_segment(dir, segments.keys().copied())?;
         let flusher = Flusher {
             db: db.clone(),
             progress: progress.clone(),
