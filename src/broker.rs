@@ -445,7 +445,7 @@ impl Broker {
         let (expires_ms, expiry_by_order) =
             effective_expiry(&envelope, topic.config.retention, now);
         let dedup_key = if envelope.message_id.is_empty() {
-            envelope.message_id = uuid::Uuid::now_v7().to_string();
+            envelope.message_id = new_message_id(now);
             None // the broker's own id cannot be repeated by a client
         } else {
             Some(keys::dedup(topic.state.id, caller, &envelope.message_id))
@@ -764,6 +764,18 @@ async fn load_registry(
         return Err(StartError::UnknownTopicTypes(missing));
     }
     Ok(registry)
+}
+
+/// A message id for a publish that brought none: a UUIDv7 (`now` in its
+/// first 48 bits, 74 random bits) from the thread's reseeding ChaCha
+/// generator, which needs no system call; `Uuid::now_v7` makes two
+/// `getrandom` calls for every id.
+fn new_message_id(now_ms: u64) -> String {
+    let mut random = [0u8; 10];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
+    uuid::Builder::from_unix_timestamp_millis(now_ms, &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// The earliest of the envelope's `expires_at` and the topic's retention
