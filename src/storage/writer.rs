@@ -234,9 +234,14 @@ impl Writer {
             bodies: bodies::Files::new(dir),
             reader: reader.clone(),
         };
-        // Room for one group being flushed and one more waiting: beyond that
-        // the writer waits, and ops pile up into bigger groups meanwhile.
-        let (durable, applied_rx) = std::sync::mpsc::sync_channel(1);
+        // No room: while the flusher works on what it has, the writer holds
+        // the next group, finished, in `send`, and ops pile up in its queue
+        // into the group after. Each group buffered between the two would
+        // split a publisher's window into one more, smaller group: with
+        // room for one, 256 publishes in flight made about 63 publishes a
+        // sync, without it about 75: fewer syncs and fewer rounds of
+        // per-group work (window 256: about +8% in A/B, with less CPU).
+        let (durable, applied_rx) = std::sync::mpsc::sync_channel(0);
         let shared = Arc::new(Shared::new(flusher, nudge));
         let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
