@@ -186,6 +186,48 @@ async fn redelivers_unacked_message_after_ack_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_single_acks_with_a_nack_among_them_settles_each_as_sent() {
+    // The broker takes acks that arrive together as one batch: none may be
+    // lost, and a nack in their midst must still requeue its message. (Ack
+    // deadlines long enough that nothing is redelivered for being slow.)
+    let broker = TestBroker::start(&BODY.replace("\"1s\"", "\"60s\"")).await;
+    let mut police = broker.client("police").await;
+    const N: usize = 200;
+    for i in 0..N {
+        publish(&mut police, envelope(&format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut council = broker.client("council").await;
+    let mut c = TestConsumer::open(&mut council, "council.inbox", N as u32)
+        .await
+        .unwrap();
+    let got = c.take(N, WAIT).await;
+    assert_eq!(got.len(), N);
+    let nacked = got[N / 2].sequence;
+    for d in &got {
+        if d.sequence == nacked {
+            c.nack(vec![d.delivery_id], Duration::ZERO).await;
+        } else {
+            c.ack(vec![d.delivery_id]).await;
+        }
+    }
+    // Only the nacked message comes again.
+    let again = c.next(WAIT).await.expect("the nacked message again");
+    assert_eq!((again.sequence, again.attempt), (nacked, 2));
+    assert!(c.next(QUIET).await.is_none(), "only the nacked one again");
+    c.ack(vec![again.delivery_id]).await;
+    c.close().await;
+    let config = broker.config.clone();
+    let data = broker.data_dir();
+    let (_tmp, _pki) = broker.stop().await;
+    let store = open_store(&data, &config);
+    let sub = store.subscription("council.inbox").unwrap();
+    assert_eq!(sub.depth(), 0, "every ack recorded");
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_with_delay_requeues_after_the_delay() {
     let broker = TestBroker::start(BODY).await;
     let mut police = broker.client("police").await;

@@ -20,7 +20,7 @@ use super::{AttachError, Event, SubscriptionInfo};
 use crate::audit::{AuditEvent, EventKind};
 use crate::proto::{Delivery, Envelope};
 use crate::storage::{
-    now_ms, DeadReason, Outcome, Pending, Store, StoredMessage, SubState, TopicState,
+    now_ms, DeadReason, Outcome, Pending, Settlement, Store, StoredMessage, SubState, TopicState,
 };
 
 /// Refill the ready queue from the store when it holds fewer than this.
@@ -247,10 +247,15 @@ impl Dispatcher {
             }
             Event::Detach { consumer } => self.detach(consumer).await,
             Event::Ack { consumer, ids } => {
+                let mut settlements = Vec::with_capacity(ids.len());
                 for id in ids {
                     if let Some(item) = self.take_in_flight(consumer, id) {
-                        self.settle(item, Outcome::Ack).await;
+                        settlements.push(self.settlement(item, Outcome::Ack));
                     }
+                }
+                let n = settlements.len();
+                if let Err(e) = self.store.settle_all(settlements).await {
+                    warn!(cause = %e, acks = n, "could not record acks; the messages will be delivered again after a restart");
                 }
             }
             Event::Nack {
@@ -288,15 +293,34 @@ impl Dispatcher {
     /// Records what happened to a delivery (the store drops it when the
     /// audit log is off).
     async fn audit(&self, kind: EventKind, item: &Item) {
+        if let Some(event) = self.audit_event(kind, item) {
+            if let Err(e) = self.store.audit(event).await {
+                warn!(cause = %e, seq = item.seq, "could not record an audit event");
+            }
+        }
+    }
+
+    /// The audit record of what happened to a delivery (None: the audit
+    /// log is off).
+    fn audit_event(&self, kind: EventKind, item: &Item) -> Option<AuditEvent> {
         if !self.store.audit_enabled() {
-            return;
+            return None;
         }
         let mut event = AuditEvent::new(kind, self.info.owner.clone()).about(&item.message);
         event.topic = self.info.topic_name.clone();
         event.subscription = self.info.name.clone();
         event.attempt = item.attempts;
-        if let Err(e) = self.store.audit(event).await {
-            warn!(cause = %e, seq = item.seq, "could not record an audit event");
+        Some(event)
+    }
+
+    /// Queues the delivery records gathered so far, in order.
+    async fn record_deliveries(&self, events: &mut Vec<AuditEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len();
+        if let Err(e) = self.store.audit_all(std::mem::take(events)).await {
+            warn!(cause = %e, records = n, "could not record delivery audit events");
         }
     }
 
@@ -386,6 +410,15 @@ impl Dispatcher {
     }
 
     async fn settle(&mut self, item: Item, outcome: Outcome) {
+        let seq = item.seq;
+        let settlement = self.settlement(item, outcome);
+        if let Err(e) = self.store.settle_all(vec![settlement]).await {
+            warn!(cause = %e, seq, "could not record settlement; the message will be delivered again after a restart");
+        }
+    }
+
+    /// Counts a settlement in the metrics, and what the store is to record.
+    fn settlement(&self, item: Item, outcome: Outcome) -> Settlement {
         let outcome = match outcome {
             Outcome::DeadLetter { reason, .. } => {
                 info!(
@@ -415,18 +448,12 @@ impl Dispatcher {
                 ack
             }
         };
-        if let Err(e) = self
-            .store
-            .settle(
-                self.state.clone(),
-                self.topic.clone(),
-                item.message,
-                outcome,
-                self.info.owner.clone(),
-            )
-            .await
-        {
-            warn!(cause = %e, seq = item.seq, "could not record settlement; the message will be delivered again after a restart");
+        Settlement {
+            sub: self.state.clone(),
+            topic: self.topic.clone(),
+            message: item.message,
+            outcome,
+            agency: self.info.owner.clone(),
         }
     }
 
@@ -559,15 +586,20 @@ impl Dispatcher {
 
     /// Delivers while some consumer can take a message and one is ready.
     async fn pump(&mut self) {
+        // Delivery records, queued together (before anything else is sent
+        // to the store, so the audit log keeps their order).
+        let mut delivered = Vec::new();
         while let Some(idx) = self.pick_consumer() {
             let Some(mut item) = self.retry.pop_front().or_else(|| self.ready.pop_front()) else {
                 break;
             };
             if item.message.is_expired(now_ms()) {
+                self.record_deliveries(&mut delivered).await;
                 self.dead_letter(item, DeadReason::Expired).await;
                 continue;
             }
             if item.attempts >= self.info.max_deliveries {
+                self.record_deliveries(&mut delivered).await;
                 self.dead_letter(item, DeadReason::MaxDeliveries).await;
                 continue;
             }
@@ -575,6 +607,7 @@ impl Dispatcher {
                 Ok(envelope) => envelope,
                 Err(e) => {
                     error!(seq = item.seq, cause = %e, "stored envelope unreadable");
+                    self.record_deliveries(&mut delivered).await;
                     self.dead_letter(item, DeadReason::Unreadable).await;
                     continue;
                 }
@@ -598,7 +631,7 @@ impl Dispatcher {
                     }
                     item.attempts += 1;
                     let consumer = slot.id;
-                    self.audit(EventKind::Delivery, &item).await;
+                    delivered.extend(self.audit_event(EventKind::Delivery, &item));
                     self.metrics.delivered.increment(1);
                     if item.attempts > 1 {
                         self.metrics.redelivered.increment(1);
@@ -623,10 +656,12 @@ impl Dispatcher {
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     let consumer = slot.id;
                     self.retry.push_front(item);
+                    self.record_deliveries(&mut delivered).await;
                     self.detach(consumer).await;
                 }
             }
         }
+        self.record_deliveries(&mut delivered).await;
     }
 }
 

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,6 +23,11 @@ const PIPELINE: usize = 1024;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest nack delay honoured.
 const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Most delivery ids of acks already received that go to the dispatcher
+/// together (a consumer acking each message on its own sends many small
+/// acks; taken one by one, each would cost the dispatcher a wake-up and the
+/// writer an op).
+const ACKS_TOGETHER: usize = 1024;
 
 pub struct BrokerService {
     broker: Broker,
@@ -216,8 +221,14 @@ impl broker_server::Broker for BrokerService {
         tokio::spawn(
             async move {
                 let _permit = permit;
+                // A message read while gathering acks, handled next.
+                let mut read_ahead = None;
                 loop {
-                    let request = match inbound.message().await {
+                    let next = match read_ahead.take() {
+                        Some(next) => next,
+                        None => inbound.message().await,
+                    };
+                    let request = match next {
                         Ok(Some(request)) => request,
                         Ok(None) => break,
                         Err(status) => {
@@ -226,7 +237,22 @@ impl broker_server::Broker for BrokerService {
                         }
                     };
                     match request.request {
-                        Some(SubRequest::Ack(ack)) => consumer.ack(ack.delivery_ids).await,
+                        Some(SubRequest::Ack(ack)) => {
+                            let mut ids = ack.delivery_ids;
+                            while ids.len() < ACKS_TOGETHER {
+                                match inbound.message().now_or_never() {
+                                    Some(Ok(Some(SubscribeRequest {
+                                        request: Some(SubRequest::Ack(more)),
+                                    }))) => ids.extend(more.delivery_ids),
+                                    Some(other) => {
+                                        read_ahead = Some(other);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            consumer.ack(ids).await
+                        }
                         Some(SubRequest::Nack(nack)) => {
                             let delay = nack
                                 .requeue_delay

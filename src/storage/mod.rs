@@ -395,6 +395,19 @@ pub(crate) enum Op {
     /// From the flusher when it has been idle a while: finish the group the
     /// writer holds back ([`writer`]: groups nobody waits on).
     Nudge,
+    /// Several ops sent at once (a dispatcher's acks or delivery records),
+    /// taken by the writer as if sent one by one.
+    Many(Vec<Op>),
+}
+
+/// One settlement of [`Store::settle_all`].
+pub struct Settlement {
+    pub sub: Arc<SubState>,
+    pub topic: Arc<TopicState>,
+    pub message: Arc<StoredMessage>,
+    pub outcome: Outcome,
+    /// The subscription's owner (for the audit log).
+    pub agency: String,
 }
 
 /// A pending entry as read by [`Store::scan_pending`]: sequence, entry, and
@@ -646,6 +659,45 @@ impl Store {
             agency,
         })
         .await
+    }
+
+    /// [`Self::settle`] of several messages, queued as one: the writer
+    /// takes them in this order.
+    pub async fn settle_all(&self, settlements: Vec<Settlement>) -> Result<(), StorageError> {
+        let ops: Vec<Op> = settlements
+            .into_iter()
+            .map(|s| Op::Settle {
+                sub: s.sub,
+                topic: s.topic,
+                message: s.message,
+                outcome: s.outcome,
+                agency: s.agency,
+            })
+            .collect();
+        self.send_all(ops).await
+    }
+
+    /// [`Self::audit`] of several records, queued as one.
+    pub async fn audit_all(&self, events: Vec<AuditEvent>) -> Result<(), StorageError> {
+        if !self.inner.audit_enabled {
+            return Ok(());
+        }
+        let ops = events
+            .into_iter()
+            .map(|event| Op::Audit(Box::new(event)))
+            .collect();
+        self.send_all(ops).await
+    }
+
+    async fn send_all(&self, mut ops: Vec<Op>) -> Result<(), StorageError> {
+        match ops.len() {
+            0 => Ok(()),
+            1 => match ops.pop() {
+                Some(op) => self.send(op).await,
+                None => Ok(()),
+            },
+            _ => self.send(Op::Many(ops)).await,
+        }
     }
 
     /// Queues an audit record (no-op when the audit log is off). Not waited for.

@@ -290,12 +290,12 @@ impl Writer {
         let mut held: Option<Group> = None;
         loop {
             match self.rx.blocking_recv() {
-                Some(op) => ops.push(op),
+                Some(op) => push_op(&mut ops, op),
                 None => break,
             }
             while ops.len() < max {
                 match self.rx.try_recv() {
-                    Ok(op) => ops.push(op),
+                    Ok(op) => push_op(&mut ops, op),
                     Err(_) => break,
                 }
             }
@@ -404,6 +404,11 @@ impl Writer {
                     Ok(())
                 }
                 Op::Nudge => Ok(()),
+                Op::Many(_) => {
+                    // `push_op` takes every one apart before this.
+                    error!("a batch of ops reached the group whole; ignored");
+                    Ok(())
+                }
             };
             if let Err(e) = result {
                 error!(cause = %e, "storage read failed while building a batch");
@@ -1114,6 +1119,18 @@ impl Writer {
             applied.refuse(&reason);
             self.failed.get_or_insert(reason);
         }
+    }
+}
+
+/// Adds `op` to `ops`, the ops of an [`Op::Many`] one by one.
+fn push_op(ops: &mut Vec<Op>, op: Op) {
+    match op {
+        Op::Many(many) => {
+            for op in many {
+                push_op(ops, op);
+            }
+        }
+        op => ops.push(op),
     }
 }
 
