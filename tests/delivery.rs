@@ -218,10 +218,7 @@ async fn a_burst_of_single_acks_with_a_nack_among_them_settles_each_as_sent() {
     assert!(c.next(QUIET).await.is_none(), "only the nacked one again");
     c.ack(vec![again.delivery_id]).await;
     c.close().await;
-    let config = broker.config.clone();
-    let data = broker.data_dir();
-    let (_tmp, _pki) = broker.stop().await;
-    let store = open_store(&data, &config);
+    let (store, _guards) = stop_and_open_store(broker).await;
     let sub = store.subscription("council.inbox").unwrap();
     assert_eq!(sub.depth(), 0, "every ack recorded");
     store.close().await.unwrap();
