@@ -144,16 +144,16 @@ impl Journal {
         records: impl IntoIterator<Item = (u64, &'a Changes)>,
     ) -> Result<(), StorageError> {
         let records: Vec<(u64, &Changes)> = records.into_iter().collect();
-        let size: usize = records.iter().map(|(_, c)| encoded_len(c)).sum();
-        if size == 0 {
+        if records.is_empty() {
             return Ok(());
         }
+        let estimate: usize = records.iter().map(|(_, c)| encoded_len(c)).sum();
         self.buf.clear();
         // Room for the tail, the records and the padding to a whole block,
-        // from an aligned start: nothing below reallocates.
+        // from an aligned start, so that nothing below reallocates.
         let lead = self.tail.len();
-        let padded = (lead + size).next_multiple_of(ALIGN);
-        self.buf.reserve(padded + ALIGN);
+        self.buf
+            .reserve((lead + estimate).next_multiple_of(ALIGN) + ALIGN);
         let skip = self.buf.as_ptr().align_offset(ALIGN).min(ALIGN);
         self.buf.resize(skip, 0);
         self.buf.extend_from_slice(&self.tail);
@@ -161,13 +161,20 @@ impl Journal {
             encode(&mut self.buf, self.pass, lsn, changes);
         }
         let end = self.buf.len();
-        self.buf.resize(skip + padded, 0);
+        let size = end - skip - lead;
+        debug_assert_eq!(size, estimate);
+        self.buf
+            .resize(skip + (lead + size).next_multiple_of(ALIGN), 0);
+        // Still aligned unless the estimate fell short and the buffer moved
+        // (then this write goes through the page cache).
+        let aligned = self.buf[skip..].as_ptr().align_offset(ALIGN) == 0;
         let io = |source| StorageError::Io {
             path: self.path.clone(),
             source,
         };
+        let mut refused = false;
         let written = match &self.direct {
-            Some(direct) if skip < ALIGN => {
+            Some(direct) if aligned => {
                 let block = self.offset - lead as u64;
                 match direct.write_all_at(&self.buf[skip..], block) {
                     Ok(()) => Some(direct.sync_data()),
@@ -176,6 +183,7 @@ impl Journal {
                             path = %self.path.display(),
                             "direct writes to the journal refused; writing through the page cache"
                         );
+                        refused = true;
                         None
                     }
                     Err(e) => Some(Err(e)),
@@ -183,10 +191,12 @@ impl Journal {
             }
             _ => None,
         };
+        if refused {
+            self.direct = None;
+        }
         match written {
             Some(result) => result.map_err(io)?,
             None => {
-                self.direct = None;
                 self.file
                     .write_all_at(&self.buf[skip + lead..end], self.offset)
                     .map_err(io)?;
