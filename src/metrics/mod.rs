@@ -36,6 +36,7 @@ pub const PUBLISH_TO_ACK_SECONDS: &str = "joinery_publish_to_ack_seconds";
 pub const FLUSH_SECONDS: &str = "joinery_flush_duration_seconds";
 pub const FLUSH_MESSAGES: &str = "joinery_flush_messages";
 pub const CHECKPOINT_SECONDS: &str = "joinery_checkpoint_duration_seconds";
+pub const APPLY_SECONDS: &str = "joinery_apply_duration_seconds";
 pub const STORAGE_BYTES: &str = "joinery_storage_bytes";
 pub const CONNECTIONS: &str = "joinery_connections_open";
 pub const STREAMS: &str = "joinery_streams_open";
@@ -118,7 +119,12 @@ pub fn describe() {
     describe_histogram!(
         FLUSH_SECONDS,
         Unit::Seconds,
-        "Duration of one group commit: the journal write and fdatasync (and a checkpoint, when one falls due)."
+        "Duration of one group commit: the journal write and fdatasync, the message bodies written, the apply to sled (and a checkpoint, when one falls due)."
+    );
+    describe_histogram!(
+        APPLY_SECONDS,
+        Unit::Seconds,
+        "Duration of applying durable group commits to sled and the audit segments, before their publishes are answered."
     );
     describe_histogram!(
         CHECKPOINT_SECONDS,

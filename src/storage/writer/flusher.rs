@@ -339,10 +339,13 @@ impl Flusher {
             sub.notify.notify_one();
         }
         let records = || groups.iter().filter_map(|g| g.record.as_ref());
+        let applying = Instant::now();
         for (lsn, changes) in records() {
             apply(&self.db, &mut self.audit, changes, *lsn)?;
         }
         self.audit.write()?;
+        ::metrics::histogram!(crate::metrics::APPLY_SECONDS)
+            .record(applying.elapsed().as_secs_f64());
         if self.journal.full() || groups.iter().any(|g| g.checkpoint) {
             self.checkpoint()?;
         }
