@@ -200,10 +200,12 @@ async fn metrics_match_a_scripted_workload_and_readyz_turns_unready_on_shutdown(
     check(m::IN_FLIGHT, &council_sub, 0.0);
     check(m::DEAD_LETTERS, &fire_sub, 0.0);
     assert!(sample(&metrics, m::OLDEST_UNACKED, &fire_sub).is_some());
-    assert!(
-        sample(&metrics, &format!("{}_count", m::FLUSH_SECONDS), &[]).is_some_and(|n| n >= 1.0),
-        "{metrics}"
-    );
+    for histogram in [m::FLUSH_SECONDS, m::APPLY_SECONDS] {
+        assert!(
+            sample(&metrics, &format!("{histogram}_count"), &[]).is_some_and(|n| n >= 1.0),
+            "{histogram}\n{metrics}"
+        );
+    }
     assert!(sample(&metrics, m::STORAGE_BYTES, &[]).is_some_and(|b| b > 0.0));
     assert!(metrics.contains("# HELP joinery_messages_published_total"));
     // Certificate expiry: the server's and the CA's, in the future.
