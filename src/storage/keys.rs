@@ -9,6 +9,9 @@ pub const MESSAGE: u8 = b'm';
 /// Pending entry: `p sub(4) seq(8)` → [`super::records::Pending`], then the
 /// message's stored value when it is inline (no topic copy).
 pub const PENDING: u8 = b'p';
+/// Packed pending entries: `q sub(4) block(8)` → the records of
+/// [`super::packed::Block`], entries of `sub` from `block * SPAN` on.
+pub const PACKED: u8 = b'q';
 /// Dead letter: `d sub(4) seq(8)` → [`super::records::DeadLetter`].
 pub const DEAD: u8 = b'd';
 /// Dedup entry: `i topic(4) len(1) sender message_id` → seq(8) publish_ms(8).
@@ -58,6 +61,10 @@ pub fn message(topic: u32, seq: u64) -> [u8; 13] {
 
 pub fn pending(sub: u32, seq: u64) -> [u8; 13] {
     id_seq(PENDING, sub, seq)
+}
+
+pub fn packed(sub: u32, block: u64) -> [u8; 13] {
+    id_seq(PACKED, sub, block)
 }
 
 pub fn dead(sub: u32, seq: u64) -> [u8; 13] {
@@ -128,6 +135,11 @@ pub fn counters(sub: u32) -> [u8; 5] {
 /// Prefix of every key of one subscription's pending entries.
 pub fn pending_prefix(sub: u32) -> [u8; 5] {
     id_only(PENDING, sub)
+}
+
+/// Prefix of every block of one subscription's packed pending entries.
+pub fn packed_prefix(sub: u32) -> [u8; 5] {
+    id_only(PACKED, sub)
 }
 
 /// Prefix of every key of one subscription's dead letters.

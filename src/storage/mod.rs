@@ -69,6 +69,7 @@ pub mod bodies;
 mod journal;
 pub mod keys;
 mod operator;
+pub mod packed;
 pub mod records;
 mod usage;
 mod writer;
@@ -463,8 +464,12 @@ struct Inner {
 /// 4: a message for one subscription has its body in a segment file
 /// ([`bodies`]), referenced from its pending entry. A version 3 store needs
 /// nothing moved (its inline entries are still read): it is marked 4.
-const FORMAT_VERSION: u32 = 4;
-const FORMAT_VERSIONS_READ: [u32; 4] = [1, 2, 3, 4];
+/// 5: fresh pending entries of such messages are packed, 64 sequences to
+/// a key ([`packed`]). A version 3 or 4 store needs nothing moved (its own
+/// keys are still read): it is marked 5, after which older builds would
+/// miss the packed entries and refuse it.
+const FORMAT_VERSION: u32 = 5;
+const FORMAT_VERSIONS_READ: [u32; 5] = [1, 2, 3, 4, 5];
 /// The first format whose audit log is in segment files.
 const FORMAT_SEGMENTS: u32 = 3;
 /// File beside sled's that marks a durably initialised store.
@@ -774,16 +779,55 @@ impl Store {
         if from > to {
             return Ok(Vec::new());
         }
+        // Blocks first, then own keys: an entry leaving its block for its
+        // own key is written there first, so it is found in one or both.
+        let mut found: std::collections::BTreeMap<u64, sled::IVec> = Default::default();
+        let blocks = keys::packed(sub.id, packed::block_of(from))
+            ..=keys::packed(sub.id, packed::block_of(to));
+        'blocks: for item in self.inner.tree.range(blocks) {
+            let (_, bytes) = item?;
+            for (seq, reference) in packed::records(&bytes)? {
+                if seq > to || found.len() >= limit {
+                    break 'blocks;
+                }
+                if seq >= from {
+                    found.insert(seq, packed::entry_value(reference).into());
+                }
+            }
+        }
         let range = keys::pending(sub.id, from)..=keys::pending(sub.id, to);
-        let mut entries = Vec::new();
         for item in self.inner.tree.range(range).take(limit) {
             let (key, value) = item?;
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            entries.push((seq, value));
+            found.insert(seq, value);
         }
+        let entries: Vec<(u64, sled::IVec)> = found.into_iter().take(limit).collect();
         self.pending_rows_of(sub, &entries)
+    }
+
+    /// `sub`'s pending entry `seq` as stored: its own key, else its
+    /// block's record (read first: see [`Self::scan_pending`]). Blocking.
+    pub(crate) fn pending_value(
+        &self,
+        sub: u32,
+        seq: u64,
+    ) -> Result<Option<sled::IVec>, StorageError> {
+        let packed = match self
+            .inner
+            .tree
+            .get(keys::packed(sub, packed::block_of(seq)))?
+        {
+            Some(bytes) => packed::records(&bytes)?
+                .find(|(s, _)| *s == seq)
+                .map(|(_, reference)| sled::IVec::from(packed::entry_value(reference))),
+            None => None,
+        };
+        match self.inner.tree.get(keys::pending(sub, seq))? {
+            Some(own) => Ok(Some(own)),
+            None => Ok(packed),
+        }
     }
 
     /// Pending entries as stored, each with its message: inline, in a
@@ -847,7 +891,7 @@ impl Store {
     ) -> Result<Option<Vec<u8>>, StorageError> {
         // A body moves at most once per sweep: a few tries are plenty.
         for _ in 0..3 {
-            let Some(value) = self.inner.tree.get(keys::pending(sub.id, seq))? else {
+            let Some(value) = self.pending_value(sub.id, seq)? else {
                 return Ok(None); // settled meanwhile
             };
             match Pending::body_ref(&value) {
@@ -865,7 +909,7 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn pending_message(&self, sub: &str, seq: u64) -> Option<Arc<StoredMessage>> {
         let sub = self.subscription(sub)?;
-        let value = self.inner.tree.get(keys::pending(sub.id, seq)).ok()??;
+        let value = self.pending_value(sub.id, seq).ok()??;
         self.pending_rows_of(&sub, &[(seq, value)]).ok()?.pop()?.2
     }
 
@@ -1274,7 +1318,7 @@ pub fn open_existing(dir: &Path) -> Result<sled::Db, StorageError> {
     }
     let db = open_sled(dir, 16 << 20, crate::audit::segments::SEGMENT_BYTES)?;
     match format_of(&db)? {
-        // Format 3 differs from 4 only in what new writes look like.
+        // Formats 3 and 4 differ from 5 only in what new writes look like.
         Some(v) if v >= FORMAT_SEGMENTS && FORMAT_VERSIONS_READ.contains(&v) => Ok(db),
         Some(v) if FORMAT_VERSIONS_READ.contains(&v) => Err(StorageError::Corrupt {
             what: format!(
@@ -1501,8 +1545,12 @@ mod tests {
         // One topic copy (the shared message's); a's first entry holds its message.
         assert_eq!(keys_of(&store, keys::MESSAGE), 1);
         assert!(store.load_message(topic.id, seq).unwrap().is_none());
-        let value = store.db().get(keys::pending(a.id, seq)).unwrap().unwrap();
+        let value = store.pending_value(a.id, seq).unwrap().unwrap();
         assert!(value.len() > Pending::LEN);
+        // Fresh, it is packed in its block; the shared message's entries
+        // (a's and b's) are keys.
+        assert_eq!(keys_of(&store, keys::PACKED), 1);
+        assert_eq!(keys_of(&store, keys::PENDING), 2);
         let rows = store.scan_pending(&a, 0, u64::MAX, 10).unwrap();
         let bodies: Vec<(u64, Vec<u8>)> = rows
             .iter()
@@ -1526,6 +1574,9 @@ mod tests {
         let (_, pending, message) = store.pending_rows(&a, &[seq]).unwrap().remove(0);
         assert_eq!(pending, requeued);
         assert_eq!(&message.unwrap().envelope[..], b"just for a");
+        // Its fields set, it has left its block (now empty) for its own key.
+        assert_eq!(keys_of(&store, keys::PACKED), 0);
+        assert_eq!(keys_of(&store, keys::PENDING), 3);
 
         // Acked: the entry goes, and the shared copy stays for b.
         ack(&store, "a", seq).await;
@@ -1533,6 +1584,7 @@ mod tests {
         assert_eq!(a.depth(), 0);
         assert_eq!(keys_of(&store, keys::MESSAGE), 1, "b still holds it");
         assert!(store.scan_pending(&a, 0, u64::MAX, 10).unwrap().is_empty());
+        assert_eq!(keys_of(&store, keys::PENDING), 1, "b's");
 
         // It survives a restart like any entry.
         let again = publish(&store, "t", &["a"], b"after restart").await;
@@ -1541,6 +1593,63 @@ mod tests {
         let store = open(tmp.path());
         let message = store.pending_message("a", again).unwrap();
         assert_eq!(&message.envelope[..], b"after restart");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn packed_and_own_entries_read_in_order_across_blocks_and_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        for i in 1..=150u64 {
+            assert_eq!(publish(&store, "t", &["a"], &i.to_be_bytes()).await, i);
+        }
+        let a = store.subscription("a").unwrap();
+        // Sequences 1..=150 fill blocks 0, 1 and 2.
+        assert_eq!(keys_of(&store, keys::PACKED), 3);
+        assert_eq!(keys_of(&store, keys::PENDING), 0);
+        let moved = Pending {
+            attempts: 1,
+            not_before_ms: 0,
+        };
+        for seq in [10, 70, 128] {
+            store.requeue(a.id, seq, moved).await.unwrap();
+        }
+        store.sync().await.unwrap();
+        assert_eq!(keys_of(&store, keys::PENDING), 3);
+
+        let check = |store: &Store, from: u64, to: u64, limit: usize, want: Vec<u64>| {
+            let rows = store.scan_pending(&a, from, to, limit).unwrap();
+            let got: Vec<u64> = rows.iter().map(|(seq, _, _)| *seq).collect();
+            assert_eq!(got, want, "scan {from}..={to} limit {limit}");
+            for (seq, pending, message) in rows {
+                let expected = if [10, 70, 128].contains(&seq) {
+                    moved
+                } else {
+                    Pending::default()
+                };
+                assert_eq!(pending, expected, "entry {seq}");
+                assert_eq!(&message.unwrap().envelope[..], &seq.to_be_bytes()[..]);
+            }
+        };
+        check(&store, 60, 140, 20, (60..80).collect());
+        check(&store, 125, 130, 100, (125..=130).collect());
+        check(&store, 0, u64::MAX, 1000, (1..=150).collect());
+        let rows = store.pending_rows(&a, &[10, 11, 151]).unwrap();
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [10, 11]);
+
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(tmp.path());
+        let a = store.subscription("a").unwrap();
+        check(&store, 0, u64::MAX, 1000, (1..=150).collect());
+        assert_eq!(a.depth(), 150);
+        for seq in (1..=150).rev() {
+            ack(&store, "a", seq).await;
+        }
+        assert_eq!(a.depth(), 0);
+        assert_eq!(keys_of(&store, keys::PACKED), 0);
+        assert_eq!(keys_of(&store, keys::PENDING), 0);
+        assert!(bodies::live_counts(store.db()).unwrap().is_empty());
         store.close().await.unwrap();
     }
 
@@ -1576,7 +1685,7 @@ mod tests {
         let body = |i: u8| vec![i; 100];
         assert_eq!(segments_of(tmp.path()), [0, 1, 2, 3]);
         let a = store.subscription("a").unwrap();
-        let stale = store.db().get(keys::pending(a.id, 1)).unwrap().unwrap();
+        let stale = store.pending_value(a.id, 1).unwrap().unwrap();
 
         // Segments 0 and 1 become half live (each pinned by one message);
         // segment 2 stays whole, segment 3 is still written.

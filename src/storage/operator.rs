@@ -146,7 +146,7 @@ impl Store {
     ) -> Result<Vec<PendingRow>, StorageError> {
         let mut entries = Vec::new();
         for &seq in sequences {
-            if let Some(value) = self.inner.tree.get(keys::pending(sub.id, seq))? {
+            if let Some(value) = self.pending_value(sub.id, seq)? {
                 entries.push((seq, value));
             }
         }

@@ -66,6 +66,7 @@ fn kind_of(first: u8) -> (&'static str, bool) {
 const PENDING_INLINE: &str = "pending entries holding their message";
 const PENDING_PLAIN: &str = "pending entries";
 const PENDING_REF: &str = "pending entries referring to a message segment";
+const PENDING_PACKED: &str = "blocks of packed pending entries";
 /// The message segments' row: `keys` counts the bodies pending entries
 /// refer to, `bytes` their length.
 const BODY_SEGMENTS: &str = "message bodies in segment files";
@@ -105,6 +106,15 @@ pub fn usage(
                 None if Pending::is_inline(&value) => (PENDING_INLINE, false),
                 None => (PENDING_PLAIN, false),
             },
+            Some(&keys::PACKED) => {
+                for (_, reference) in super::packed::records(&value)? {
+                    if let Some((body, _)) = super::bodies::BodyRef::decode(reference) {
+                        bodies += 1;
+                        body_bytes += u64::from(body.len);
+                    }
+                }
+                (PENDING_PACKED, false)
+            }
             Some(&first) => kind_of(first),
             None => ("store metadata", false),
         };

@@ -24,6 +24,7 @@ use tracing::{debug, error, warn};
 use super::bodies::{self, BodyRef};
 use super::journal::{self, Changes};
 use super::keys;
+use super::packed::{self, Block};
 use super::records::{Body, DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 use super::{
     now_ms, FlushStats, Op, Outcome, Published, StorageError, StoreOptions, SubState, TopicState,
@@ -74,6 +75,8 @@ pub(super) struct Writer {
     /// The same per subscription, for the messages inline in its pending
     /// entries.
     order_swept_inline: HashMap<u32, u64>,
+    /// The same per subscription, for its packed entries.
+    order_swept_packed: HashMap<u32, u64>,
     /// Set once a write failed: sled's errors are sticky, so refuse early.
     failed: Option<String>,
     /// Head of the audit chain (None: audit log off).
@@ -130,6 +133,9 @@ struct Group {
     /// Per message segment, bodies referenced by the group's entries less
     /// those released.
     body_deltas: HashMap<u64, SegmentDelta>,
+    /// Blocks of packed pending entries as of this group, by subscription
+    /// and block; true once changed (written when the group is finished).
+    blocks: HashMap<(u32, u64), (Block, bool)>,
 }
 
 /// What a group changes of one message segment.
@@ -267,6 +273,7 @@ impl Writer {
             swept_until_ms: 0,
             order_swept: HashMap::new(),
             order_swept_inline: HashMap::new(),
+            order_swept_packed: HashMap::new(),
             failed: None,
             audit,
             reports,
@@ -363,13 +370,11 @@ impl Writer {
                     Ok(())
                 }
                 Op::Requeue { sub, seq, pending } => {
-                    let key = keys::pending(sub, seq);
                     // Only while still pending: an ack may have overtaken it.
                     // An inline message stays in the entry.
-                    match self.get(group, &key) {
-                        Ok(Some(old)) => {
-                            group.put_owned(&key, pending.reencode(&old));
-                            Ok(())
+                    match self.pending_entry(group, sub, seq) {
+                        Ok(Some((old, packed))) => {
+                            self.put_pending(group, sub, seq, pending.reencode(&old), packed)
                         }
                         Ok(None) => Ok(()),
                         Err(e) => Err(e),
@@ -438,13 +443,79 @@ impl Writer {
         }
     }
 
-    /// Whether the pending entry `key` is stored (None: it is not), and
-    /// what of its message it carries.
-    fn pending_state(&self, group: &Group, key: &[u8]) -> Result<Option<EntryState>, StorageError> {
-        match self.unapplied(group, key) {
-            Some(value) => Ok(value.map(EntryState::of)),
-            None => Ok(self.db.get(key)?.map(|value| EntryState::of(&value))),
+    /// `sub`'s block `block` as of this group, read into it on first use.
+    fn block<'g>(
+        &self,
+        group: &'g mut Group,
+        sub: u32,
+        block: u64,
+    ) -> Result<&'g mut (Block, bool), StorageError> {
+        use std::collections::hash_map::Entry;
+        let key = keys::packed(sub, block);
+        let loaded = match group.blocks.contains_key(&(sub, block)) {
+            true => None,
+            false => Some(match self.unapplied(group, &key) {
+                Some(stored) => Block::decode(stored)?,
+                None => Block::decode(self.db.get(key)?.as_deref())?,
+            }),
+        };
+        Ok(match group.blocks.entry((sub, block)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert((loaded.unwrap_or_default(), false)),
+        })
+    }
+
+    /// `sub`'s pending entry `seq` as of this group, as its own key would
+    /// hold it, and whether it is packed in a block (else it is its own
+    /// key). An entry is in one place only (see [`packed`]).
+    fn pending_entry(
+        &self,
+        group: &mut Group,
+        sub: u32,
+        seq: u64,
+    ) -> Result<Option<(Vec<u8>, bool)>, StorageError> {
+        if let Some(value) = self.block(group, sub, packed::block_of(seq))?.0.get(seq) {
+            return Ok(Some((value, true)));
         }
+        Ok(self
+            .get(group, &keys::pending(sub, seq))?
+            .map(|value| (value, false)))
+    }
+
+    /// Removes `sub`'s pending entry `seq`, from its block if `packed`.
+    fn remove_pending(
+        &self,
+        group: &mut Group,
+        sub: u32,
+        seq: u64,
+        packed: bool,
+    ) -> Result<(), StorageError> {
+        if packed {
+            let block = self.block(group, sub, packed::block_of(seq))?;
+            block.0.remove(seq);
+            block.1 = true;
+        } else {
+            group.del(&keys::pending(sub, seq));
+        }
+        Ok(())
+    }
+
+    /// Stores `sub`'s pending entry `seq` as `value` in its own key, taking
+    /// it out of its block if it was `packed` there (the own key is written
+    /// to sled first, so readers find it in one place or both).
+    fn put_pending(
+        &self,
+        group: &mut Group,
+        sub: u32,
+        seq: u64,
+        value: Vec<u8>,
+        packed: bool,
+    ) -> Result<(), StorageError> {
+        if packed {
+            self.remove_pending(group, sub, seq, true)?;
+        }
+        group.put_owned(&keys::pending(sub, seq), value);
+        Ok(())
     }
 
     fn get(&self, group: &Group, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -568,7 +639,7 @@ impl Writer {
                     len: value.len() as u32,
                     crc: crc32fast::hash(&value),
                 };
-                inline_entry = Some(Pending::default().encode_ref(&body, &value));
+                inline_entry = Some((body, Pending::default().encode_ref(&body, &value)));
                 group.place_body(sub.id, seq, &body);
                 group.put_owned(&keys::body(segment, offset), value);
             } else {
@@ -587,7 +658,24 @@ impl Writer {
                     group.fresh.push((sub.clone(), after, message.clone()));
                 }
                 match inline_entry.take() {
-                    Some(entry) => group.put_owned(&keys::pending(sub.id, seq), entry),
+                    Some((body, entry)) => {
+                        // Packed into its block; its own key if the block
+                        // cannot be read (the store then fails anyway).
+                        let packed = match self.block(group, sub.id, packed::block_of(seq)) {
+                            Ok(block) => {
+                                let packed = block.0.insert(seq, &entry);
+                                block.1 |= packed;
+                                packed
+                            }
+                            Err(e) => {
+                                warn!(cause = %e, segment = body.segment, "a block of pending entries is unreadable");
+                                false
+                            }
+                        };
+                        if !packed {
+                            group.put_owned(&keys::pending(sub.id, seq), entry);
+                        }
+                    }
                     None => group.put(&keys::pending(sub.id, seq), &empty),
                 }
                 group.delta(sub, 1, 0);
@@ -683,11 +771,11 @@ impl Writer {
         now: u64,
     ) -> Result<(), StorageError> {
         let seq = message.seq;
-        let key = keys::pending(sub.id, seq);
-        let Some(entry) = self.pending_state(group, &key)? else {
+        let Some((value, packed)) = self.pending_entry(group, sub.id, seq)? else {
             return Ok(()); // already settled (e.g. expired and acked at once)
         };
-        group.del(&key);
+        let entry = EntryState::of(&value);
+        self.remove_pending(group, sub.id, seq, packed)?;
         if let Some(body) = &entry.body {
             group.release_body(body);
         }
@@ -904,16 +992,13 @@ impl Writer {
             self.order_swept.insert(topic.id, cursor);
             // Inline messages have no topic copy: walk each subscription's
             // pending entries the same way, stepping over those whose
-            // message is the topic copy (walked above).
+            // message is the topic copy (walked above); then its packed
+            // entries (in sequence order too, so their own walk).
             for sub in &topic.subs {
                 let from = self.order_swept_inline.get(&sub.id).copied().unwrap_or(0);
                 let range = keys::pending(sub.id, from)..=keys::pending(sub.id, u64::MAX);
-                let cursor = walk_by_order(
-                    &self.db,
-                    range,
-                    from,
-                    &mut budget,
-                    |seq, key, value| {
+                let cursor =
+                    walk_by_order(&self.db, range, from, &mut budget, |seq, key, value| {
                         // The group's own writes come first: an entry it has
                         // removed (acked, dead-lettered) is not pending any more.
                         let value = match self.unapplied(group, key) {
@@ -921,52 +1006,107 @@ impl Writer {
                             Some(Some(newer)) => Cow::Owned(newer.to_vec()),
                             None => Cow::Borrowed(value),
                         };
-                        let (head, body) = match Pending::split(&value)?.1 {
-                            Body::TopicCopy => return Ok(Walk::Past),
-                            Body::Inline(stored) => (stored, None),
-                            Body::Segment(body, head) => (head, Some(body)),
-                        };
-                        match expired_by_order(head, now) {
-                            Some(false) => return Ok(Walk::Stop),
-                            Some(true) => {
-                                let stored = match body {
-                                    None => Some(Cow::Borrowed(head)),
-                                    // Not fatal to the store: the dispatcher
-                                    // meets the same error when it reads the
-                                    // entry, and names it.
-                                    // Moved by a compaction in this very
-                                    // group: not in its file yet.
-                                    Some(body) => match self
-                                        .unapplied(group, &keys::body(body.segment, body.offset))
-                                    {
-                                        Some(Some(moved)) => Some(Cow::Owned(moved.to_vec())),
-                                        _ => match bodies.read_one(body) {
-                                            Ok(read) => read.map(Cow::Owned),
-                                            Err(e) => {
-                                                warn!(cause = %e, seq, "an expired message's body is unreadable");
-                                                None
-                                            }
-                                        },
-                                    },
-                                };
-                                // A body whose file is gone cannot be
-                                // delivered either: the dispatcher drops
-                                // its entry when it reads it.
-                                if let Some(stored) = stored {
-                                    let message = StoredMessage::decode(topic.id, seq, &stored)?;
-                                    sub.push_expired(Arc::new(message));
-                                    group.woken.insert(sub.id, sub.clone());
-                                }
-                            }
-                            None => {}
-                        }
-                        Ok(Walk::Past)
-                    },
-                )?;
+                        self.expire_by_order(group, &bodies, sub, seq, &value, now)
+                    })?;
                 self.order_swept_inline.insert(sub.id, cursor);
+                let from = self.order_swept_packed.get(&sub.id).copied().unwrap_or(0);
+                let cursor = self.walk_packed(group, &bodies, sub, from, &mut budget, now)?;
+                self.order_swept_packed.insert(sub.id, cursor);
             }
         }
         Ok(())
+    }
+
+    /// [`Self::sweep_by_order`] over `sub`'s packed entries from `from`:
+    /// returns where the next walk starts.
+    fn walk_packed(
+        &self,
+        group: &mut Group,
+        bodies: &bodies::Reader,
+        sub: &Arc<SubState>,
+        from: u64,
+        budget: &mut usize,
+        now: u64,
+    ) -> Result<u64, StorageError> {
+        let mut cursor = from;
+        let range = keys::packed(sub.id, packed::block_of(from))..=keys::packed(sub.id, u64::MAX);
+        for item in self.db.range(range) {
+            let (key, _) = item?;
+            let Some(block) = keys::seq_of(&key) else {
+                continue;
+            };
+            // The group's own writes come first.
+            let entries: Vec<(u64, Vec<u8>)> = {
+                let (stored, _) = self.block(group, sub.id, block)?;
+                stored
+                    .seqs()
+                    .filter(|seq| *seq >= from)
+                    .filter_map(|seq| Some((seq, stored.get(seq)?)))
+                    .collect()
+            };
+            for (seq, value) in entries {
+                if *budget == 0 {
+                    return Ok(cursor);
+                }
+                *budget -= 1;
+                if let Walk::Stop = self.expire_by_order(group, bodies, sub, seq, &value, now)? {
+                    return Ok(cursor);
+                }
+                cursor = seq + 1;
+            }
+        }
+        Ok(cursor)
+    }
+
+    /// One pending entry of `sub` in a by-order expiry walk: tells its
+    /// subscription if its message has expired by order.
+    fn expire_by_order(
+        &self,
+        group: &mut Group,
+        bodies: &bodies::Reader,
+        sub: &Arc<SubState>,
+        seq: u64,
+        value: &[u8],
+        now: u64,
+    ) -> Result<Walk, StorageError> {
+        let (head, body) = match Pending::split(value)?.1 {
+            Body::TopicCopy => return Ok(Walk::Past),
+            Body::Inline(stored) => (stored, None),
+            Body::Segment(body, head) => (head, Some(body)),
+        };
+        match expired_by_order(head, now) {
+            Some(false) => return Ok(Walk::Stop),
+            Some(true) => {
+                let stored = match body {
+                    None => Some(Cow::Borrowed(head)),
+                    // Not fatal to the store: the dispatcher meets the same
+                    // error when it reads the entry, and names it.
+                    // Moved by a compaction in this very group: not in its
+                    // file yet.
+                    Some(body) => {
+                        match self.unapplied(group, &keys::body(body.segment, body.offset)) {
+                            Some(Some(moved)) => Some(Cow::Owned(moved.to_vec())),
+                            _ => match bodies.read_one(body) {
+                                Ok(read) => read.map(Cow::Owned),
+                                Err(e) => {
+                                    warn!(cause = %e, seq, "an expired message's body is unreadable");
+                                    None
+                                }
+                            },
+                        }
+                    }
+                };
+                // A body whose file is gone cannot be delivered either: the
+                // dispatcher drops its entry when it reads it.
+                if let Some(stored) = stored {
+                    let message = StoredMessage::decode(sub.topic, seq, &stored)?;
+                    sub.push_expired(Arc::new(message));
+                    group.woken.insert(sub.id, sub.clone());
+                }
+            }
+            None => {}
+        }
+        Ok(Walk::Past)
     }
 
     /// Depth and dead letters of `sub` as of the groups built so far.
@@ -994,8 +1134,15 @@ impl Writer {
             prune_audit_before,
             fresh,
             body_deltas,
+            blocks,
             ..
         } = group;
+        for ((sub, block), (entries, changed)) in blocks {
+            if changed {
+                let stored = (!entries.is_empty()).then(|| entries.encode());
+                changes.insert(keys::packed(sub, block).to_vec(), stored);
+            }
+        }
         let mut put = |key: &[u8], value: &[u8]| {
             changes.insert(key.to_vec(), Some(value.to_vec()));
         };

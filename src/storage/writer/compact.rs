@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::super::bodies::BodyRef;
 use super::super::keys;
+use super::super::packed;
 use super::super::records::Pending;
 use super::super::StorageError;
 use super::{apply_delta, Group, Writer};
@@ -92,12 +93,19 @@ impl Writer {
         count: u64,
         budget: &mut Budget,
     ) -> Result<bool, StorageError> {
-        let mut entries: Vec<(u64, Vec<u8>, Vec<u8>, BodyRef)> = Vec::new();
+        // (sequence, packed in a block, entry, body) of the segment's
+        // entries: own keys first, then packed ones, each read in sequence
+        // order from `first_seq` as far as the budget goes.
+        let mut entries: Vec<(u64, bool, Vec<u8>, BodyRef)> = Vec::new();
         let mut bytes = 0;
+        // Per source, the last sequence read and whether it was cut short.
+        let mut reads: Vec<(Option<u64>, bool)> = Vec::new();
         let mut passed = None;
+        let mut cut = false;
         let range = keys::pending(sub, first_seq)..=keys::pending(sub, u64::MAX);
         for item in self.db.range(range) {
             if budget.entries == 0 || bytes >= budget.bytes {
+                cut = true;
                 break;
             }
             budget.entries -= 1;
@@ -114,12 +122,46 @@ impl Writer {
             };
             if let Some(body) = Pending::body_ref(&value).filter(|b| b.segment == segment) {
                 bytes += u64::from(body.len);
-                entries.push((seq, key.to_vec(), value, body));
+                entries.push((seq, false, value, body));
                 if entries.len() as u64 == count {
+                    cut = true;
                     break;
                 }
             }
         }
+        reads.push((passed, cut));
+        let (mut passed, mut cut) = (None, false);
+        let blocks = keys::packed(sub, packed::block_of(first_seq))..=keys::packed(sub, u64::MAX);
+        'blocks: for item in self.db.range(blocks) {
+            let (key, _) = item?;
+            let Some(block) = keys::seq_of(&key) else {
+                continue;
+            };
+            // The group's own writes come first.
+            let (stored, _) = self.block(group, sub, block)?;
+            let found: Vec<(u64, Vec<u8>)> = stored
+                .seqs()
+                .filter(|seq| *seq >= first_seq)
+                .filter_map(|seq| Some((seq, stored.get(seq)?)))
+                .collect();
+            for (seq, value) in found {
+                if budget.entries == 0 || bytes >= budget.bytes || entries.len() as u64 >= count {
+                    cut = true;
+                    break 'blocks;
+                }
+                budget.entries -= 1;
+                passed = Some(seq);
+                if let Some(body) = Pending::body_ref(&value).filter(|b| b.segment == segment) {
+                    bytes += u64::from(body.len);
+                    entries.push((seq, true, value, body));
+                    if entries.len() as u64 == count {
+                        cut = true;
+                        break 'blocks;
+                    }
+                }
+            }
+        }
+        reads.push((passed, cut));
         let refs: Vec<BodyRef> = entries.iter().map(|(_, _, _, body)| *body).collect();
         let read = match self.bodies.read(&refs) {
             Ok(read) => read,
@@ -131,7 +173,7 @@ impl Writer {
         // Every new entry is built before the group is touched: what was
         // found is moved whole or not at all.
         let mut moves = Vec::with_capacity(read.len());
-        for ((seq, key, value, old), body) in entries.into_iter().zip(read) {
+        for ((seq, packed, value, old), body) in entries.into_iter().zip(read) {
             let (Some(body), Ok(pending)) = (body, Pending::decode(&value)) else {
                 warn!(
                     segment,
@@ -139,10 +181,10 @@ impl Writer {
                 );
                 return Ok(false);
             };
-            moves.push((seq, key, pending, old, body));
+            moves.push((seq, packed, pending, old, body));
         }
         let moved = moves.len() as u64;
-        for (seq, key, pending, old, body) in moves {
+        for (seq, packed, pending, old, body) in moves {
             let (to, offset) = self.placer.place(sub, body.len());
             let new = BodyRef {
                 segment: to,
@@ -150,15 +192,32 @@ impl Writer {
                 len: old.len,
                 crc: old.crc,
             };
-            group.put_owned(&key, pending.encode_ref(&new, &body));
+            let entry = pending.encode_ref(&new, &body);
+            // A packed entry stays in its block, with its new reference.
+            let repacked = packed && {
+                let block = self.block(group, sub, packed::block_of(seq))?;
+                let done = block.0.insert(seq, &entry);
+                block.1 |= done;
+                done
+            };
+            if !repacked {
+                self.put_pending(group, sub, seq, entry, packed)?;
+            }
             group.place_body(sub, seq, &new);
             group.release_body(&old);
             group.put_owned(&keys::body(to, offset), body);
         }
         budget.bytes = budget.bytes.saturating_sub(bytes);
         if moved < count {
-            // What is left of it lies after what this sweep read.
-            if let Some(seq) = passed {
+            // What is left of it lies after what this sweep read: of each
+            // source cut short, past its last entry read (of a source read
+            // to its end, past everything).
+            let cut_at = reads.iter().filter(|(_, cut)| *cut).map(|(p, _)| *p).min();
+            let floor = match cut_at {
+                Some(passed) => passed,
+                None => reads.iter().filter_map(|(p, _)| *p).max(),
+            };
+            if let Some(seq) = floor {
                 group.raise_first_seq(segment, seq + 1);
             }
         }

@@ -8,7 +8,7 @@ use std::ops::Bound;
 
 use super::super::operator::{PurgeOp, RedriveOp, Redriven};
 use super::super::records::{DeadLetter, MessageHeader, Pending, StoredMessage};
-use super::super::{keys, StorageError, SubState, TopicState};
+use super::super::{keys, packed, StorageError, SubState, TopicState};
 use super::{EntryState, Group, Writer};
 
 impl Writer {
@@ -116,9 +116,16 @@ impl Writer {
                 group.put(&keys::expiry(message.expires_ms, topic.id, seq), &[]);
             }
         }
-        let pending_key = keys::pending(sub.id, seq);
-        let already_pending = self.exists(group, &pending_key)?;
-        group.put(&pending_key, &Pending::default().encode());
+        let existing = self.pending_entry(group, sub.id, seq)?;
+        let already_pending = existing.is_some();
+        let packed = existing.is_some_and(|(_, packed)| packed);
+        self.put_pending(
+            group,
+            sub.id,
+            seq,
+            Pending::default().encode().to_vec(),
+            packed,
+        )?;
         group.del(&keys::dead(sub.id, seq));
         group.delta(sub, if already_pending { 0 } else { 1 }, -1);
         Ok(())
@@ -169,15 +176,34 @@ impl Writer {
     ) -> Result<u64, StorageError> {
         let prefix = keys::pending_prefix(sub.id);
         // Entries written earlier in this batch are not in the tree yet.
-        // seq → what of its message the entry carries.
-        let mut doomed: BTreeMap<u64, EntryState> = group
+        // seq → what of its message the entry carries, and whether it is
+        // packed in a block.
+        let mut doomed: BTreeMap<u64, (EntryState, bool)> = group
             .changes
             .range::<[u8], _>((Bound::Included(&prefix[..]), Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(&prefix))
             .filter_map(|(key, value)| {
-                Some((keys::seq_of(key)?, EntryState::of(value.as_deref()?)))
+                Some((
+                    keys::seq_of(key)?,
+                    (EntryState::of(value.as_deref()?), false),
+                ))
             })
             .collect();
+        let in_group: BTreeSet<u64> = group
+            .blocks
+            .keys()
+            .filter(|(s, _)| *s == sub.id)
+            .map(|(_, block)| *block)
+            .collect();
+        for block in &in_group {
+            if let Some((entries, _)) = group.blocks.get(&(sub.id, *block)) {
+                for seq in entries.seqs() {
+                    if let Some(value) = entries.get(seq) {
+                        doomed.insert(seq, (EntryState::of(&value), true));
+                    }
+                }
+            }
+        }
         let mut from_tree = 0;
         for item in self.db.scan_prefix(prefix) {
             if from_tree >= limit {
@@ -190,12 +216,29 @@ impl Writer {
             let seq = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
                 what: format!("pending key of subscription {:?}", sub.name),
             })?;
-            doomed.insert(seq, EntryState::of(&value));
+            doomed.insert(seq, (EntryState::of(&value), false));
             from_tree += 1;
         }
+        'blocks: for item in self.db.scan_prefix(keys::packed_prefix(sub.id)) {
+            let (key, stored) = item?;
+            let block = keys::seq_of(&key).ok_or_else(|| StorageError::Corrupt {
+                what: format!("packed pending key of subscription {:?}", sub.name),
+            })?;
+            if in_group.contains(&block) {
+                continue; // read above, as this batch left it
+            }
+            for (seq, reference) in packed::records(&stored)? {
+                if from_tree >= limit {
+                    break 'blocks;
+                }
+                let value = packed::entry_value(reference);
+                doomed.insert(seq, (EntryState::of(&value), true));
+                from_tree += 1;
+            }
+        }
         let removed = doomed.len() as u64;
-        for (seq, entry) in doomed {
-            group.del(&keys::pending(sub.id, seq));
+        for (seq, (entry, packed)) in doomed {
+            self.remove_pending(group, sub.id, seq, packed)?;
             if let Some(body) = &entry.body {
                 group.release_body(body);
             }
