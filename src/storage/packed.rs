@@ -66,9 +66,10 @@ impl Block {
         self.records.is_empty()
     }
 
-    /// The sequences of the block's entries, in order.
-    pub fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
-        self.records.iter().map(|(seq, _)| *seq)
+    /// The block's entries in sequence order, each as its own key would
+    /// hold it.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
+        self.records.iter().map(|(seq, r)| (*seq, entry_value(r)))
     }
 
     fn position(&self, seq: u64) -> Result<usize, usize> {

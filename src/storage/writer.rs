@@ -1036,14 +1036,9 @@ impl Writer {
                 continue;
             };
             // The group's own writes come first.
-            let entries: Vec<(u64, Vec<u8>)> = {
-                let (stored, _) = self.block(group, sub.id, block)?;
-                stored
-                    .seqs()
-                    .filter(|seq| *seq >= from)
-                    .filter_map(|seq| Some((seq, stored.get(seq)?)))
-                    .collect()
-            };
+            let (stored, _) = self.block(group, sub.id, block)?;
+            let entries: Vec<(u64, Vec<u8>)> =
+                stored.entries().filter(|(seq, _)| *seq >= from).collect();
             for (seq, value) in entries {
                 if *budget == 0 {
                     return Ok(cursor);

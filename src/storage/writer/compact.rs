@@ -140,9 +140,8 @@ impl Writer {
             // The group's own writes come first.
             let (stored, _) = self.block(group, sub, block)?;
             let found: Vec<(u64, Vec<u8>)> = stored
-                .seqs()
-                .filter(|seq| *seq >= first_seq)
-                .filter_map(|seq| Some((seq, stored.get(seq)?)))
+                .entries()
+                .filter(|(seq, _)| *seq >= first_seq)
                 .collect();
             for (seq, value) in found {
                 if budget.entries == 0 || bytes >= budget.bytes || entries.len() as u64 >= count {

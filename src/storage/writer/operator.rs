@@ -197,10 +197,8 @@ impl Writer {
             .collect();
         for block in &in_group {
             if let Some((entries, _)) = group.blocks.get(&(sub.id, *block)) {
-                for seq in entries.seqs() {
-                    if let Some(value) = entries.get(seq) {
-                        doomed.insert(seq, (EntryState::of(&value), true));
-                    }
+                for (seq, value) in entries.entries() {
+                    doomed.insert(seq, (EntryState::of(&value), true));
                 }
             }
         }
