@@ -207,6 +207,15 @@ mod tests {
         };
         let referring = Pending::default().encode_ref(&body, &[1u8; 400]);
         db.insert(keys::pending(2, 2), referring.clone()).unwrap();
+        // A block of two packed entries, their bodies 300 and 200 bytes.
+        let mut packed = crate::storage::packed::Block::default();
+        for (seq, len) in [(3u64, 300u32), (4, 200)] {
+            let body = crate::storage::bodies::BodyRef { len, ..body };
+            let entry = Pending::default().encode_ref(&body, &[1u8; 10]);
+            assert!(packed.insert(seq, &entry));
+        }
+        let packed = packed.encode();
+        db.insert(keys::packed(2, 0), packed.clone()).unwrap();
         db.insert(keys::message(1, 1), &[1u8; 50][..]).unwrap();
         db.insert(keys::audit_block(1), &[2u8; 300][..]).unwrap();
         db.insert(keys::FORMAT, &2u32.to_be_bytes()).unwrap();
@@ -237,9 +246,14 @@ mod tests {
             row(PENDING_REF).map(|r| (r.keys, r.bytes)),
             Some((1, ref_bytes))
         );
+        let packed_bytes = 13 + packed.len() as u64;
+        assert_eq!(
+            row(PENDING_PACKED).map(|r| (r.keys, r.bytes)),
+            Some((1, packed_bytes))
+        );
         assert_eq!(
             row(BODY_SEGMENTS).map(|r| (r.keys, r.bytes)),
-            Some((1, 400))
+            Some((3, 900))
         );
         assert_eq!(
             row("topic copies of messages").map(|r| r.bytes),
@@ -254,7 +268,7 @@ mod tests {
         assert_eq!(u.audit_bytes, 309 + 224);
         assert_eq!(
             u.queue_bytes,
-            inline_bytes + 25 + ref_bytes + 400 + 63 + 1 + 4
+            inline_bytes + 25 + ref_bytes + packed_bytes + 900 + 63 + 1 + 4
         );
         assert_eq!(u.live_bytes, u.queue_bytes + u.audit_bytes);
         assert!(u.sled_bytes_on_disk > 0);
