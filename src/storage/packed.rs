@@ -103,10 +103,15 @@ impl Block {
         true
     }
 
-    /// Takes `seq`'s entry out, as its own key would hold it.
-    pub fn remove(&mut self, seq: u64) -> Option<Vec<u8>> {
-        let i = self.position(seq).ok()?;
-        Some(entry_value(&self.records.remove(i).1))
+    /// Takes `seq`'s entry out; false if the block does not hold it.
+    pub fn remove(&mut self, seq: u64) -> bool {
+        match self.position(seq) {
+            Ok(i) => {
+                self.records.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -192,8 +197,8 @@ mod tests {
     fn removing_every_entry_empties_the_block() {
         let mut block = Block::default();
         assert!(block.insert(1, &entry(0, b"x")));
-        assert!(block.remove(2).is_none());
-        assert!(block.remove(1).is_some());
+        assert!(!block.remove(2));
+        assert!(block.remove(1));
         assert!(block.is_empty());
         assert_eq!(Block::decode(None).unwrap(), block);
     }

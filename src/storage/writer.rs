@@ -492,8 +492,7 @@ impl Writer {
     ) -> Result<(), StorageError> {
         if packed {
             let block = self.block(group, sub, packed::block_of(seq))?;
-            block.0.remove(seq);
-            block.1 = true;
+            block.1 |= block.0.remove(seq);
         } else {
             group.del(&keys::pending(sub, seq));
         }
