@@ -363,12 +363,37 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
-                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                Some(status) => eprintln!(
+                    "error: {:?}: {}{}",
+                    status.code(),
+                    status.message(),
+                    status_causes(status)
+                ),
                 None => eprintln!("error: {e:#}"),
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// What lies under a status, as `: cause: cause...` (empty if nothing): a
+/// transport failure's own message says only "transport error", its causes
+/// say why (a refused certificate, a closed connection).
+fn status_causes(status: &tonic::Status) -> String {
+    let mut causes = String::new();
+    let mut next = std::error::Error::source(status);
+    let mut last = status.message().to_string();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // tonic wraps a transport error in one that says the same.
+        if text != last {
+            causes.push_str(": ");
+            causes.push_str(&text);
+        }
+        last = text;
+        next = cause.source();
+    }
+    causes
 }
 
 /// An operator command's outcome, a refusal kept as the gRPC status it is.

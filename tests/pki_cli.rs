@@ -664,11 +664,40 @@ owner = "council"
         "the council still connects: {}",
         String::from_utf8_lossy(&sub.stderr)
     );
+    // Why the police were refused, from the broker's log: the client's
+    // error depends on a race (the alert, or the connection closing first).
+    // A new connection is refused in its handshake. A connection live when
+    // the CRL was reloaded is closed instead, and a publish in flight on it
+    // may have been stored before the close although its client saw a
+    // failure (at least once): that publish is in doubt. Only one police
+    // connection is open at a time, so at most one is closed so.
+    let log = log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tls handshake failed") && l.contains("certificate revoked")),
+        "no handshake was refused for revocation\n--- broker log ---\n{log}"
+    );
+    let in_doubt = log
+        .lines()
+        .filter(|l| {
+            l.contains("closing connection")
+                && l.contains("agency=\"police\"")
+                && l.contains("its client certificate has been revoked")
+        })
+        .count();
+    assert!(in_doubt <= 1, "{in_doubt} police connections closed\n{log}");
     // One line per delivery: a refused publish would make one more.
-    assert_eq!(
-        out.lines().count(),
-        accepted_before_reload,
-        "a message from a revoked certificate was accepted, or an accepted one lost: {out}"
+    let delivered = out.lines().count();
+    println!("{accepted_before_reload} accepted, {in_doubt} in doubt, {delivered} delivered");
+    assert!(
+        delivered >= accepted_before_reload,
+        "an accepted message was lost: {delivered} delivered, \
+         {accepted_before_reload} accepted: {out}"
+    );
+    assert!(
+        delivered <= accepted_before_reload + in_doubt,
+        "a message from a revoked certificate was accepted: {delivered} delivered, \
+         {accepted_before_reload} accepted, {in_doubt} in doubt: {out}\n--- broker log ---\n{log}"
     );
 
     let _ = broker.0.kill();
