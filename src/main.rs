@@ -304,7 +304,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     joinery::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The broker's configuration says how many runtime threads it wants;
+    // every other command takes tokio's default.
+    let (serve_config, worker_threads) = match &cli.command {
+        Command::Serve { config } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let env_set = std::env::var_os("TOKIO_WORKER_THREADS").is_some();
+            let threads = config.broker.runtime_threads(cpus, env_set);
+            (Some(config), threads)
+        }
+        _ => (None, None),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder
         // Blocking-pool threads (store reads, stat calls) end after 1 s
         // unused instead of tokio's 10 s, so the burst of them at start-up
         // is gone once the broker sits idle (0.2-1.2 MB less anonymous
@@ -320,7 +339,13 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve { config } => return runtime.block_on(serve(config.as_deref())),
+        // Its configuration was loaded above, before the runtime.
+        Command::Serve { .. } => {
+            return match serve_config {
+                Some(config) => runtime.block_on(serve(config)),
+                None => ExitCode::FAILURE,
+            }
+        }
         Command::CheckConfig { config } => {
             return match load_config(config.as_deref()) {
                 Ok(_) => {
@@ -428,11 +453,11 @@ fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
     }
 }
 
-async fn serve(config_path: Option<&Path>) -> ExitCode {
-    let config = match load_config(config_path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
+async fn serve(config: Config) -> ExitCode {
+    tracing::info!(
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "async runtime started"
+    );
     if config.tls.dev_pki {
         if let Err(e) = dev_pki(&config) {
             eprintln!("error: {e:#}");
