@@ -278,8 +278,9 @@ impl BrokerConfig {
     /// The choice leaves a CPU to the store's writer and flusher threads,
     /// which are busy whenever the runtime is: on the 2-CPU reference
     /// machine one runtime thread published about 11% more at window 256
-    /// than tokio's default of one per CPU, with less CPU, and consumed
-    /// and answered single publishes as fast (README, Performance).
+    /// than tokio's default of one per CPU, with less CPU; it consumed
+    /// about 4% slower and answered single publishes as fast (README,
+    /// Performance).
     pub fn runtime_threads(&self, cpus: usize, env_set: bool) -> Option<usize> {
         if self.worker_threads > 0 {
             Some(self.worker_threads)
