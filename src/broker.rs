@@ -164,7 +164,8 @@ struct Inner {
     config: Arc<Config>,
     store: Store,
     schemas: Arc<crate::schema::Registry>,
-    topics: HashMap<String, TopicEntry>,
+    /// Looked up on every publish; filled once from the configuration.
+    topics: HashMap<String, TopicEntry, foldhash::fast::RandomState>,
     subs: HashMap<String, Subscription>,
     agencies: HashSet<String>,
     shutdown: watch::Receiver<bool>,
@@ -176,6 +177,9 @@ struct Inner {
     free_disk: AtomicU64,
     /// Refused requests since start, by stable reason.
     refusals: Mutex<HashMap<&'static str, u64>>,
+    /// `joinery_publish_duration_seconds`: a handle looked up at the first
+    /// publish (the recorder is installed by then) instead of on every one.
+    publish_seconds: std::sync::OnceLock<::metrics::Histogram>,
 }
 
 /// Publish-rate limiter: refills `rate` tokens a second, holds at most `rate`.
@@ -214,6 +218,7 @@ pub struct PendingPublish {
     rx: oneshot::Receiver<Result<Published, StorageError>>,
     message_id: String,
     published: ::metrics::Counter,
+    duration: ::metrics::Histogram,
     started: Instant,
 }
 
@@ -224,8 +229,7 @@ impl PendingPublish {
         if !published.duplicate {
             self.published.increment(1);
         }
-        ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS)
-            .record(self.started.elapsed().as_secs_f64());
+        self.duration.record(self.started.elapsed().as_secs_f64());
         Ok(PublishResponse {
             sequence: published.seq,
             duplicate: published.duplicate,
@@ -280,7 +284,7 @@ impl Broker {
 
         let mut tasks = Vec::new();
         let mut subscriptions = HashMap::new();
-        let mut topic_entries = HashMap::new();
+        let mut topic_entries = HashMap::with_hasher(foldhash::fast::RandomState::default());
         for t in &config.topics {
             let state = store.topic(&t.name).ok_or_else(|| StorageError::Corrupt {
                 what: format!("topic {:?} was not registered", t.name),
@@ -343,6 +347,7 @@ impl Broker {
                 streams: Mutex::new(HashMap::new()),
                 free_disk: AtomicU64::new(free_disk),
                 refusals: Mutex::new(HashMap::new()),
+                publish_seconds: std::sync::OnceLock::new(),
             }),
         };
         tasks.push(tokio::spawn(tick(broker.clone(), shutdown)));
@@ -474,6 +479,11 @@ impl Broker {
             rx,
             message_id,
             published: topic.published_counter(caller),
+            duration: self
+                .inner
+                .publish_seconds
+                .get_or_init(|| ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS))
+                .clone(),
             started,
         })
     }

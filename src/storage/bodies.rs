@@ -238,7 +238,7 @@ pub fn live_counts(db: &sled::Db) -> Result<HashMap<u64, u64>, StorageError> {
 #[derive(Debug)]
 pub struct Placer {
     /// Per subscription, the segment it writes and the offset of its next body.
-    current: HashMap<u32, (u64, u64)>,
+    current: super::IdMap<u32, (u64, u64)>,
     /// The id the next new segment takes (ids only grow).
     next_segment: u64,
     segment_bytes: u64,
@@ -251,7 +251,7 @@ impl Placer {
     /// New segments are numbered from `next_segment`.
     pub fn new(next_segment: u64, segment_bytes: u64) -> Self {
         Self {
-            current: HashMap::new(),
+            current: super::IdMap::default(),
             next_segment,
             segment_bytes: segment_bytes.max(1),
             retired: Vec::new(),

@@ -89,6 +89,11 @@ pub use usage::{usage, KindUsage, Usage};
 
 use crate::audit::{AuditEvent, Chain};
 
+/// A map keyed by the store's own ids (topics, subscriptions, segments,
+/// blocks), looked up several times per message by the writer: hashed with
+/// foldhash rather than SipHash, since no key comes from a client.
+pub(crate) type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -27,7 +27,8 @@ use super::keys;
 use super::packed::{self, Block};
 use super::records::{Body, DeadLetter, DeadReason, MessageHeader, Pending, StoredMessage};
 use super::{
-    now_ms, FlushStats, Op, Outcome, Published, StorageError, StoreOptions, SubState, TopicState,
+    now_ms, FlushStats, IdMap, Op, Outcome, Published, StorageError, StoreOptions, SubState,
+    TopicState,
 };
 use crate::audit::{self, AuditEvent, Chain, EventKind};
 
@@ -55,8 +56,8 @@ pub(super) struct Writer {
     audit_pruned_at: Option<Instant>,
     rx: mpsc::Receiver<Op>,
     options: StoreOptions,
-    topics: HashMap<u32, Arc<TopicState>>,
-    next_seq: HashMap<u32, u64>,
+    topics: IdMap<u32, Arc<TopicState>>,
+    next_seq: IdMap<u32, u64>,
     /// Built groups on their way to the flusher thread (None once stopped).
     durable: Option<std::sync::mpsc::SyncSender<Applied>>,
     /// The flusher's state, which the writer may use itself when idle.
@@ -66,17 +67,17 @@ pub(super) struct Writer {
     failure: Failure,
     /// Depth and dead-letter counts as of the groups built so far; a
     /// subscription's own counters move only once a group is durable.
-    applied: HashMap<u32, (u64, u64)>,
+    applied: IdMap<u32, (u64, u64)>,
     /// Expiry index entries before this instant have been swept.
     swept_until_ms: u64,
     /// Per topic, the first sequence the by-order expiry sweep has not
     /// passed yet (in memory: after a restart it starts from the oldest).
-    order_swept: HashMap<u32, u64>,
+    order_swept: IdMap<u32, u64>,
     /// The same per subscription, for the messages inline in its pending
     /// entries.
-    order_swept_inline: HashMap<u32, u64>,
+    order_swept_inline: IdMap<u32, u64>,
     /// The same per subscription, for its packed entries.
-    order_swept_packed: HashMap<u32, u64>,
+    order_swept_packed: IdMap<u32, u64>,
     /// Set once a write failed: sled's errors are sticky, so refuse early.
     failed: Option<String>,
     /// Head of the audit chain (None: audit log off).
@@ -92,17 +93,17 @@ pub(super) struct Writer {
     progress: Arc<Progress>,
     /// Per subscription, the sequence of the last message stored for it
     /// by this process (see [`super::Fresh`]).
-    last_stored: HashMap<u32, u64>,
+    last_stored: IdMap<u32, u64>,
     /// Where the next message body of each subscription goes.
     placer: bodies::Placer,
     /// Per message segment, its bodies still referenced (and their bytes)
     /// as of the groups built so far (absent: none).
-    segments: HashMap<u64, bodies::SegmentInfo>,
+    segments: IdMap<u64, bodies::SegmentInfo>,
     /// Segments with a body compaction could not read, with their live
     /// count then: not tried again until that count changes.
-    compact_tried: HashMap<u64, u64>,
+    compact_tried: IdMap<u64, u64>,
     /// When each segment no longer written was first seen at most half live.
-    sparse_since: HashMap<u64, Instant>,
+    sparse_since: IdMap<u64, Instant>,
     /// Reads bodies for the expiry sweep.
     bodies: Arc<bodies::Reader>,
 }
@@ -116,11 +117,11 @@ struct Group {
     syncs: Vec<oneshot::Sender<Result<(), StorageError>>>,
     /// Someone asked for sled itself to be made durable.
     checkpoint: bool,
-    committed: HashMap<u32, u64>,
-    woken: HashMap<u32, Arc<SubState>>,
-    deltas: HashMap<u32, (Arc<SubState>, i64, i64)>,
+    committed: IdMap<u32, u64>,
+    woken: IdMap<u32, Arc<SubState>>,
+    deltas: IdMap<u32, (Arc<SubState>, i64, i64)>,
     /// Next sequence of each topic that took one, written once per group.
-    next_seqs: HashMap<u32, u64>,
+    next_seqs: IdMap<u32, u64>,
     /// Messages stored by the group, for their subscriptions' dispatchers:
     /// (subscription, sequence of its previous message, message).
     fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
@@ -132,10 +133,10 @@ struct Group {
     publishes: u64,
     /// Per message segment, bodies referenced by the group's entries less
     /// those released.
-    body_deltas: HashMap<u64, SegmentDelta>,
+    body_deltas: IdMap<u64, SegmentDelta>,
     /// Blocks of packed pending entries as of this group, by subscription
     /// and block; true once changed (written when the group is finished).
-    blocks: HashMap<(u32, u64), (Block, bool)>,
+    blocks: IdMap<(u32, u64), (Block, bool)>,
 }
 
 /// What a group changes of one message segment.
@@ -220,7 +221,7 @@ impl Writer {
         let failure = Failure::default();
         let progress = Arc::new(Progress::new(lsn));
         let audit_tail = audit::segments::read_tail(&db)?;
-        let segments = bodies::segment_infos(&db)?;
+        let segments: IdMap<u64, _> = bodies::segment_infos(&db)?.into_iter().collect();
         let first_segment = bodies::next_segment(dir, segments.keys().copied())?;
         let flusher = Flusher {
             db: db.clone(),
@@ -269,22 +270,22 @@ impl Writer {
             flusher: Some(handle),
             shared,
             failure,
-            applied: HashMap::new(),
+            applied: IdMap::default(),
             swept_until_ms: 0,
-            order_swept: HashMap::new(),
-            order_swept_inline: HashMap::new(),
-            order_swept_packed: HashMap::new(),
+            order_swept: IdMap::default(),
+            order_swept_inline: IdMap::default(),
+            order_swept_packed: IdMap::default(),
             failed: None,
             audit,
             reports,
             lsn,
             unapplied: VecDeque::new(),
             progress,
-            last_stored: HashMap::new(),
+            last_stored: IdMap::default(),
             placer: bodies::Placer::new(first_segment, body_segment_bytes),
             segments,
-            compact_tried: HashMap::new(),
-            sparse_since: HashMap::new(),
+            compact_tried: IdMap::default(),
+            sparse_since: IdMap::default(),
             bodies: reader,
         })
     }
