@@ -26,6 +26,8 @@ BIN=$(realpath "$1")
 LABEL=$2
 shift 2
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 DIR=$(mktemp -d /tmp/joinery-ab.XXXXXX)
 PID=
 cleanup() {
@@ -42,12 +44,7 @@ cd "$DIR" # the development PKI is relative to the working directory
 # shellcheck disable=SC2086 # AB_ENV is a list of NAME=value words
 env ${AB_ENV:-} "$BIN" serve --config "$DIR/config.toml" >"$DIR/server.log" 2>&1 &
 PID=$!
-for _ in $(seq 1 200); do
-  grep -q "joinery is serving" "$DIR/server.log" && break
-  kill -0 "$PID" 2>/dev/null || { cat "$DIR/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q "joinery is serving" "$DIR/server.log" || { echo "broker not ready in 20 s" >&2; exit 1; }
+wait_serving "$DIR/server.log" "$PID" 20
 
 /usr/bin/time -f "client_cpu_s=%U+%S" -o "$DIR/client.time" \
   "$BIN" bench "$@" >"$DIR/bench.out" 2>"$DIR/bench.err"

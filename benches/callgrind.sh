@@ -33,6 +33,8 @@ N=${2:-30000}
 shift $(($# >= 2 ? 2 : 1))
 if [ $# -eq 0 ]; then set -- pub "$N" 1024 window=256 max_secs=500; fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
 DIR=$(mktemp -d /tmp/joinery-callgrind.XXXXXX)
 PID=
@@ -49,12 +51,7 @@ cd "$DIR" # the development PKI is relative to the working directory
 valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.out" \
   "$BIN" serve --config "$DIR/config.toml" >"$DIR/server.log" 2>&1 &
 PID=$!
-for _ in $(seq 1 600); do
-  grep -q "joinery is serving" "$DIR/server.log" && break
-  kill -0 "$PID" 2>/dev/null || { cat "$DIR/server.log" >&2; exit 1; }
-  sleep 0.5
-done
-grep -q "joinery is serving" "$DIR/server.log" || { echo "broker not ready in 300 s" >&2; exit 1; }
+wait_serving "$DIR/server.log" "$PID" 300
 
 timeout 900 "$BIN" bench "$@" >"$DIR/bench.out" 2>"$DIR/bench.err" || true
 kill -TERM "$PID"
