@@ -3,16 +3,16 @@
 
 use std::collections::HashMap;
 
-/// Looked up by message type on every publish; filled once from the schemas
-/// (a client's type name only looks up, never inserts).
-type TypeMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
-
 use prost_reflect::{
     DescriptorPool, DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, ReflectMessage,
     Value,
 };
 
 use super::FieldViolation;
+
+/// Looked up by message type on every publish; filled once from the schemas
+/// (a client's type name only looks up, never inserts).
+type TypeMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// Which fields of which message types carry joinery rules.
 pub(super) struct JoineryRules {
