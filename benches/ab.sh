@@ -31,10 +31,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=$(mktemp -d /tmp/joinery-ab.XXXXXX)
 PID=
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
+  stop_broker "$PID"
   rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -49,7 +46,6 @@ wait_serving "$DIR/server.log" "$PID" 20
 /usr/bin/time -f "client_cpu_s=%U+%S" -o "$DIR/client.time" \
   "$BIN" bench "$@" >"$DIR/bench.out" 2>"$DIR/bench.err"
 read -r U S < <(awk '{print $14, $15}' "/proc/$PID/stat")
-kill -TERM "$PID"
-wait "$PID" || true
+stop_broker "$PID"
 PID=
 echo "$LABEL $(cat "$DIR/bench.out") cpu_cs=$((U + S)) $(cat "$DIR/client.time") $(grep -o 'flushes=[0-9]* publishes=[0-9]*' "$DIR/server.log" | tail -1 || true)"

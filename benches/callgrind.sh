@@ -39,10 +39,7 @@ command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install 
 DIR=$(mktemp -d /tmp/joinery-callgrind.XXXXXX)
 PID=
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
+  stop_broker "$PID"
 }
 trap cleanup EXIT
 
@@ -54,8 +51,7 @@ PID=$!
 wait_serving "$DIR/server.log" "$PID" 300
 
 timeout 900 "$BIN" bench "$@" >"$DIR/bench.out" 2>"$DIR/bench.err" || true
-kill -TERM "$PID"
-wait "$PID" || true
+stop_broker "$PID"
 PID=
 
 callgrind_annotate --threshold=100 --auto=no "$DIR/cg.out" >"$DIR/annotate.txt"

@@ -13,3 +13,13 @@ wait_serving() {
   echo "broker not ready in $secs s" >&2
   exit 1
 }
+
+# stop_broker PID: stops the broker PID this script started (SIGTERM, then
+# waits for it); nothing if PID is empty or already gone.
+stop_broker() {
+  local pid=$1
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  fi
+}
