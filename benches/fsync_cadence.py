@@ -4,6 +4,9 @@ preallocated file, back to back and with pauses between them (as a broker
 publishing at 1,000 msg/s syncs once a millisecond).
 
 usage: benches/fsync_cadence.py [DIR=.] [COUNT=1500]
+  env: BUSY=N  run N busy loops (child processes, each ended with the run
+               and after 120 s at most) while measuring, to keep the CPUs
+               from halting while the disk works
 
 Prints the p50 / p90 / p99 of each sync for each pause, twice over, with
 the pause spent sleeping and spent spinning (a busy CPU rules out the
@@ -12,6 +15,7 @@ file of 8 MiB in DIR and removes it.
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -44,7 +48,31 @@ def run(fd, payload, pause, spin):
     )
 
 
+def busy_loops(n):
+    """Starts n child processes that spin for at most 120 s; returns their pids."""
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            until = time.monotonic() + 120
+            while time.monotonic() < until:
+                pass
+            os._exit(0)
+        pids.append(pid)
+    return pids
+
+
 def main():
+    busy = busy_loops(int(os.environ.get("BUSY", "0")))
+    try:
+        measure()
+    finally:
+        for pid in busy:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def measure():
     path = os.path.join(DIR, "fsync_cadence.scratch")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
