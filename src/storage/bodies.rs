@@ -210,8 +210,8 @@ impl SegmentInfo {
 }
 
 /// The segments recorded in sled.
-pub fn segment_infos(db: &sled::Db) -> Result<HashMap<u64, SegmentInfo>, StorageError> {
-    let mut out = HashMap::new();
+pub fn segment_infos(db: &sled::Db) -> Result<super::IdMap<u64, SegmentInfo>, StorageError> {
+    let mut out = super::IdMap::default();
     for item in db.scan_prefix([keys::BODY_LIVE]) {
         let (key, value) = item?;
         let corrupt = || StorageError::Corrupt {

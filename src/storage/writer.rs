@@ -221,7 +221,7 @@ impl Writer {
         let failure = Failure::default();
         let progress = Arc::new(Progress::new(lsn));
         let audit_tail = audit::segments::read_tail(&db)?;
-        let segments: IdMap<u64, _> = bodies::segment_infos(&db)?.into_iter().collect();
+        let segments = bodies::segment_infos(&db)?;
         let first_segment = bodies::next_segment(dir, segments.keys().copied())?;
         let flusher = Flusher {
             db: db.clone(),
