@@ -164,8 +164,7 @@ struct Inner {
     config: Arc<Config>,
     store: Store,
     schemas: Arc<crate::schema::Registry>,
-    /// Looked up on every publish; filled once from the configuration.
-    topics: HashMap<String, TopicEntry, foldhash::fast::RandomState>,
+    topics: crate::NameMap<TopicEntry>,
     subs: HashMap<String, Subscription>,
     agencies: HashSet<String>,
     shutdown: watch::Receiver<bool>,
@@ -284,7 +283,7 @@ impl Broker {
 
         let mut tasks = Vec::new();
         let mut subscriptions = HashMap::new();
-        let mut topic_entries = HashMap::with_hasher(foldhash::fast::RandomState::default());
+        let mut topic_entries = crate::NameMap::default();
         for t in &config.topics {
             let state = store.topic(&t.name).ok_or_else(|| StorageError::Corrupt {
                 what: format!("topic {:?} was not registered", t.name),

@@ -56,6 +56,12 @@ pub mod proto {
         tonic::include_file_descriptor_set!("joinery_descriptor");
 }
 
+/// A map keyed by configured names (topics, message types), filled once
+/// from the configuration or the schemas and looked up on every publish: a
+/// client's name only looks it up, never inserts, so no client can choose
+/// colliding keys, and foldhash is used rather than SipHash.
+pub(crate) type NameMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

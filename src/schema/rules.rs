@@ -9,22 +9,19 @@ use prost_reflect::{
 };
 
 use super::FieldViolation;
-
-/// Looked up by message type on every publish; filled once from the schemas
-/// (a client's type name only looks up, never inserts).
-type TypeMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+use crate::NameMap;
 
 /// Which fields of which message types carry joinery rules.
 pub(super) struct JoineryRules {
     /// message full name → its fields with `nhs_number = true`.
-    nhs_fields: TypeMap<Vec<FieldDescriptor>>,
+    nhs_fields: NameMap<Vec<FieldDescriptor>>,
     /// message full names that contain rules somewhere below them.
-    relevant: TypeMap<bool>,
+    relevant: NameMap<bool>,
 }
 
 impl JoineryRules {
     pub(super) fn new(pool: &DescriptorPool) -> Self {
-        let mut nhs_fields: TypeMap<Vec<FieldDescriptor>> = TypeMap::default();
+        let mut nhs_fields: NameMap<Vec<FieldDescriptor>> = NameMap::default();
         if let Some(extension) = pool.get_extension_by_name("joinery.rules.v1.field") {
             for message in pool.all_messages() {
                 let fields: Vec<FieldDescriptor> = message
@@ -38,7 +35,7 @@ impl JoineryRules {
         }
         // A message is relevant if it has rule fields or contains a relevant
         // message, however deep and through cycles: iterate to a fixpoint.
-        let mut relevant: TypeMap<bool> = pool
+        let mut relevant: NameMap<bool> = pool
             .all_messages()
             .map(|m| {
                 let name = m.full_name().to_string();
