@@ -130,8 +130,9 @@ impl Fixture {
                     .collect(),
                 sender: SENDER.into(),
                 ..Default::default()
-            }
-            .encode_to_vec();
+            };
+            let payload = joinery::broker::payload_range(&envelope);
+            let envelope = envelope.encode_to_vec();
             let (reply, rx) = oneshot::channel();
             replies.push((
                 rx,
@@ -158,8 +159,8 @@ impl Fixture {
                 sender: SENDER.into(),
                 message_id,
                 message_type: MESSAGE_TYPE.into(),
-                digest,
                 envelope,
+                payload,
                 reply,
             });
         }

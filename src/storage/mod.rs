@@ -354,9 +354,12 @@ pub struct PublishOp {
     pub sender: String,
     pub message_id: String,
     pub message_type: String,
-    /// SHA-256 of the payload.
-    pub digest: [u8; 32],
+    /// The encoded envelope, stored as it is.
     pub envelope: Vec<u8>,
+    /// Where the payload lies in `envelope`. The writer takes its SHA-256
+    /// (for the message header and the audit log), on its own thread: the
+    /// runtime thread that decoded the publish has enough to do.
+    pub payload: std::ops::Range<usize>,
     pub reply: oneshot::Sender<Result<Published, StorageError>>,
 }
 
@@ -1413,8 +1416,8 @@ mod tests {
                 sender: "police".into(),
                 message_id: "m".into(),
                 message_type: "t.T".into(),
-                digest: crate::audit::payload_digest(body),
                 envelope: body.to_vec(),
+                payload: 0..body.len(),
                 reply,
             })
             .await

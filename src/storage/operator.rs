@@ -201,8 +201,8 @@ mod tests {
                 sender: "police".into(),
                 message_id: "m".into(),
                 message_type: "t.T".into(),
-                digest: [0; 32],
                 envelope: b"envelope".to_vec(),
+                payload: 0..8,
                 reply,
             })
             .await

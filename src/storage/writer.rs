@@ -572,10 +572,11 @@ impl Writer {
             }
         }
 
+        let digest = audit::payload_digest(p.envelope.get(p.payload.clone()).unwrap_or_default());
         let header = MessageHeader {
             publish_ms: p.publish_ms,
             expires_ms: p.expires_ms,
-            digest: &p.digest,
+            digest: &digest,
             message_id: &p.message_id,
             message_type: &p.message_type,
             expiry_by_order: p.expiry_by_order,
@@ -587,7 +588,7 @@ impl Writer {
             group.put(dedup_key, &value);
             group.put(&keys::dedup_by_time(p.publish_ms, dedup_key), &[]);
         }
-        let event = publish_event(&p, EventKind::Publish, seq);
+        let event = publish_event(&p, digest, EventKind::Publish, seq);
         self.record(group, event, now);
         group.publishes += 1;
         group.replies.push((
@@ -1354,12 +1355,17 @@ const REPORT_TYPE: &str = "joinery.v1.DeliveryReport";
 const REPORT_SENDER: &str = "joinery";
 const REPORT_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 
-fn publish_event(p: &super::PublishOp, kind: EventKind, seq: u64) -> AuditEvent {
+fn publish_event(
+    p: &super::PublishOp,
+    digest: [u8; audit::HASH_LEN],
+    kind: EventKind,
+    seq: u64,
+) -> AuditEvent {
     let mut event = AuditEvent::new(kind, p.sender.clone());
     event.topic = p.topic.name.clone();
     event.message_id = p.message_id.clone();
     event.message_type = p.message_type.clone();
-    event.digest = Some(p.digest);
+    event.digest = Some(digest);
     event.sequence = seq;
     event
 }
