@@ -131,8 +131,7 @@ impl Fixture {
                 sender: SENDER.into(),
                 ..Default::default()
             };
-            let payload = joinery::broker::payload_range(&envelope);
-            let envelope = envelope.encode_to_vec();
+            let encoded = envelope.encode_to_vec();
             let (reply, rx) = oneshot::channel();
             replies.push((
                 rx,
@@ -144,7 +143,7 @@ impl Fixture {
                     digest,
                     message_id: message_id.clone(),
                     message_type: MESSAGE_TYPE.into(),
-                    envelope: Bytes::from(envelope.clone()),
+                    envelope: Bytes::from(encoded),
                     // As the broker stores it: expiry from the topic's retention.
                     expiry_by_order: true,
                 },
@@ -160,7 +159,6 @@ impl Fixture {
                 message_id,
                 message_type: MESSAGE_TYPE.into(),
                 envelope,
-                payload,
                 reply,
             });
         }

@@ -455,9 +455,6 @@ impl Broker {
             Some(keys::dedup(topic.state.id, caller, &envelope.message_id))
         };
         let message_id = envelope.message_id.clone();
-        let payload = payload_range(&envelope);
-        let encoded = envelope.encode_to_vec();
-        debug_assert_eq!(encoded.get(payload.clone()), Some(&envelope.payload[..]));
         let (reply, rx) = oneshot::channel();
         self.inner
             .store
@@ -471,8 +468,7 @@ impl Broker {
                 sender: caller.to_string(),
                 message_id: message_id.clone(),
                 message_type: envelope.message_type.clone(),
-                envelope: encoded,
-                payload,
+                envelope,
                 reply,
             })
             .await?;
@@ -789,26 +785,6 @@ fn new_message_id(now_ms: u64) -> String {
         .to_string()
 }
 
-/// Where the payload lies in `envelope.encode_to_vec()`: prost writes the
-/// fields in tag order, and only `message_id` (1) and `message_type` (2),
-/// each left out when empty, come before `payload` (3).
-pub fn payload_range(envelope: &Envelope) -> std::ops::Range<usize> {
-    use prost::encoding::{encoded_len_varint, key_len, string};
-    let field = |tag, s: &String| {
-        if s.is_empty() {
-            0
-        } else {
-            string::encoded_len(tag, s)
-        }
-    };
-    let len = envelope.payload.len();
-    let mut start = field(1, &envelope.message_id) + field(2, &envelope.message_type);
-    if len > 0 {
-        start += key_len(3) + encoded_len_varint(len as u64);
-    }
-    start..start + len
-}
-
 /// The earliest of the envelope's `expires_at` and the topic's retention
 /// (0: never), and whether it is the retention's (the store then needs no
 /// expiry-index entry for it).
@@ -869,59 +845,6 @@ fn free_bytes(dir: &std::path::Path) -> u64 {
         Err(e) => {
             tracing::warn!(cause = %e, dir = %dir.display(), "could not read free disk space");
             u64::MAX
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The range the writer hashes is the payload, whichever of the fields
-    /// before it are set and however long it is.
-    #[test]
-    fn payload_range_finds_the_payload_in_the_encoding() {
-        let full = Envelope {
-            message_id: "0190c9e2-7d3c-7a3e-9e8f-1b2c3d4e5f60".into(),
-            message_type: "interop.referral.v1.SafeguardingReferral".into(),
-            payload: vec![7; 300],
-            correlation_id: "c".into(),
-            causation_id: "d".into(),
-            created_at: Some(prost_types::Timestamp {
-                seconds: 1,
-                nanos: 2,
-            }),
-            marking: pb::Marking::OfficialSensitive as i32,
-            headers: [("k".to_string(), "v".to_string())].into(),
-            recipients: vec!["council-demo".into()],
-            sender: "police-demo".into(),
-            ..Default::default()
-        };
-        let mut cases = vec![full.clone()];
-        for len in [0, 1, 127, 128, 16_384, 2_000_000] {
-            cases.push(Envelope {
-                payload: (0..len).map(|i| (i % 251) as u8).collect(),
-                ..full.clone()
-            });
-        }
-        cases.push(Envelope {
-            message_id: String::new(),
-            ..full.clone()
-        });
-        cases.push(Envelope {
-            message_type: String::new(),
-            message_id: String::new(),
-            ..full.clone()
-        });
-        cases.push(Envelope {
-            payload: vec![1, 2, 3],
-            ..Default::default()
-        });
-        for envelope in cases {
-            let encoded = envelope.encode_to_vec();
-            let range = payload_range(&envelope);
-            assert_eq!(range.len(), envelope.payload.len());
-            assert_eq!(encoded.get(range), Some(&envelope.payload[..]));
         }
     }
 }

@@ -354,12 +354,11 @@ pub struct PublishOp {
     pub sender: String,
     pub message_id: String,
     pub message_type: String,
-    /// The encoded envelope, stored as it is.
-    pub envelope: Vec<u8>,
-    /// Where the payload lies in `envelope`. The writer takes its SHA-256
-    /// (for the message header and the audit log), on its own thread: the
-    /// runtime thread that decoded the publish has enough to do.
-    pub payload: std::ops::Range<usize>,
+    /// The envelope as the broker checked and completed it. The writer
+    /// encodes it for storage and takes its payload's SHA-256 (for the
+    /// message header and the audit log) on its own thread: the runtime
+    /// thread that decoded the publish has enough to do.
+    pub envelope: crate::proto::Envelope,
     pub reply: oneshot::Sender<Result<Published, StorageError>>,
 }
 
@@ -1389,6 +1388,21 @@ mod tests {
         )
     }
 
+    /// An envelope carrying `body`, as tests hand publishes to the store.
+    fn enveloped(body: &[u8]) -> crate::proto::Envelope {
+        crate::proto::Envelope {
+            payload: body.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// The payload of a stored envelope.
+    fn payload(envelope: &[u8]) -> Vec<u8> {
+        <crate::proto::Envelope as prost::Message>::decode(envelope)
+            .unwrap()
+            .payload
+    }
+
     async fn publish(store: &Store, topic: &str, targets: &[&str], body: &[u8]) -> u64 {
         publish_expiring(store, topic, targets, body, 0, false).await
     }
@@ -1416,8 +1430,7 @@ mod tests {
                 sender: "police".into(),
                 message_id: "m".into(),
                 message_type: "t.T".into(),
-                envelope: body.to_vec(),
-                payload: 0..body.len(),
+                envelope: enveloped(body),
                 reply,
             })
             .await
@@ -1562,7 +1575,7 @@ mod tests {
         let rows = store.scan_pending(&a, 0, u64::MAX, 10).unwrap();
         let bodies: Vec<(u64, Vec<u8>)> = rows
             .iter()
-            .map(|(seq, _, m)| (*seq, m.as_ref().unwrap().envelope.to_vec()))
+            .map(|(seq, _, m)| (*seq, payload(&m.as_ref().unwrap().envelope)))
             .collect();
         assert_eq!(
             bodies,
@@ -1581,7 +1594,7 @@ mod tests {
         store.sync().await.unwrap();
         let (_, pending, message) = store.pending_rows(&a, &[seq]).unwrap().remove(0);
         assert_eq!(pending, requeued);
-        assert_eq!(&message.unwrap().envelope[..], b"just for a");
+        assert_eq!(payload(&message.unwrap().envelope), b"just for a");
         // Its fields set, it has left its block (now empty) for its own key.
         assert_eq!(keys_of(&store, keys::PACKED), 0);
         assert_eq!(keys_of(&store, keys::PENDING), 3);
@@ -1600,7 +1613,7 @@ mod tests {
         drop(store);
         let store = open(tmp.path());
         let message = store.pending_message("a", again).unwrap();
-        assert_eq!(&message.envelope[..], b"after restart");
+        assert_eq!(payload(&message.envelope), b"after restart");
         store.close().await.unwrap();
     }
 
@@ -1636,7 +1649,7 @@ mod tests {
                     Pending::default()
                 };
                 assert_eq!(pending, expected, "entry {seq}");
-                assert_eq!(&message.unwrap().envelope[..], &seq.to_be_bytes()[..]);
+                assert_eq!(payload(&message.unwrap().envelope), &seq.to_be_bytes());
             }
         };
         check(&store, 60, 140, 20, (60..80).collect());
@@ -1671,12 +1684,12 @@ mod tests {
             .scan_pending(&sub, 0, u64::MAX, 100)
             .unwrap()
             .into_iter()
-            .map(|(seq, _, m)| (seq, m.unwrap().envelope.to_vec()))
+            .map(|(seq, _, m)| (seq, payload(&m.unwrap().envelope)))
             .collect()
     }
 
     /// A store with 400-byte message segments and messages 1..=`n` for
-    /// subscription a, the i-th `[i; 100]`: 157-byte stored values, two to
+    /// subscription a, the i-th `[i; 100]`: 159-byte stored values, two to
     /// a segment.
     async fn small_segments_with(n: u8) -> (tempfile::TempDir, Store) {
         let tmp = tempfile::tempdir().unwrap();
@@ -1719,7 +1732,7 @@ mod tests {
 
         // A reader that read entry 1 before the move follows it to its new place.
         let rows = store.pending_rows_of(&a, &[(1, stale)]).unwrap();
-        assert_eq!(&rows[0].2.as_ref().unwrap().envelope[..], &body(1)[..]);
+        assert_eq!(payload(&rows[0].2.as_ref().unwrap().envelope), body(1));
 
         // A second sweep finds nothing more to do (segment 3 is still
         // written, 2 and 4 are whole or current).
@@ -2029,7 +2042,7 @@ mod tests {
                 message_type: "t.T",
                 expiry_by_order: false,
             },
-            b"inline in version 3",
+            &prost::Message::encode_to_vec(&enveloped(b"inline in version 3")),
         );
         let inline = Pending::default().encode_inline(&value);
         store.db().insert(keys::pending(a.id, seq), inline).unwrap();
@@ -2054,7 +2067,7 @@ mod tests {
         let seq = publish(&store, "t", &["a", "b"], b"stored by version 1").await;
         let store = reopened_from_version(store, tmp.path(), 1).await;
         assert_eq!(
-            &store.pending_message("b", seq).unwrap().envelope[..],
+            payload(&store.pending_message("b", seq).unwrap().envelope),
             b"stored by version 1"
         );
         store
@@ -2302,7 +2315,7 @@ mod tests {
             [2, 3, 4, 5, 6, 7]
         );
         let replayed = rows[5].2.as_ref().unwrap();
-        assert_eq!(&replayed.envelope[..], b"only in the journal");
+        assert_eq!(payload(&replayed.envelope), b"only in the journal");
         assert_eq!(publish(&store, "t", &["a"], b"next").await, 8);
         store.close().await.unwrap();
         drop(store);
@@ -2370,7 +2383,7 @@ mod tests {
         assert_eq!(store.db().scan_prefix([keys::AUDIT]).count(), 0);
         assert_eq!(store.db().scan_prefix([keys::AUDIT_BLOCK]).count(), 0);
         assert_eq!(
-            &store.pending_message("a", seq).unwrap().envelope[..],
+            payload(&store.pending_message("a", seq).unwrap().envelope),
             b"stored by version 2"
         );
         // The chain goes on after the moved records.

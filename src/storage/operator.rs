@@ -201,8 +201,10 @@ mod tests {
                 sender: "police".into(),
                 message_id: "m".into(),
                 message_type: "t.T".into(),
-                envelope: b"envelope".to_vec(),
-                payload: 0..8,
+                envelope: crate::proto::Envelope {
+                    payload: b"envelope".to_vec(),
+                    ..Default::default()
+                },
                 reply,
             })
             .await

@@ -572,7 +572,8 @@ impl Writer {
             }
         }
 
-        let digest = audit::payload_digest(p.envelope.get(p.payload.clone()).unwrap_or_default());
+        let digest = audit::payload_digest(&p.envelope.payload);
+        let envelope = prost::Message::encode_to_vec(&p.envelope);
         let header = MessageHeader {
             publish_ms: p.publish_ms,
             expires_ms: p.expires_ms,
@@ -581,7 +582,7 @@ impl Writer {
             message_type: &p.message_type,
             expiry_by_order: p.expiry_by_order,
         };
-        let seq = self.append(group, topic, &p.targets, header, &p.envelope);
+        let seq = self.append(group, topic, &p.targets, header, &envelope);
         if let Some(dedup_key) = &p.dedup_key {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&p.publish_ms.to_be_bytes());
