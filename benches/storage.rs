@@ -155,9 +155,6 @@ impl Fixture {
                 publish_ms,
                 expires_ms,
                 expiry_by_order: true,
-                sender: SENDER.into(),
-                message_id,
-                message_type: MESSAGE_TYPE.into(),
                 envelope,
                 reply,
             });

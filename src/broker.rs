@@ -465,9 +465,6 @@ impl Broker {
                 publish_ms: now,
                 expires_ms,
                 expiry_by_order,
-                sender: caller.to_string(),
-                message_id: message_id.clone(),
-                message_type: envelope.message_type.clone(),
                 envelope,
                 reply,
             })

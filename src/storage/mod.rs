@@ -350,14 +350,11 @@ pub struct PublishOp {
     /// needs no expiry-index entry (the sweep walks each topic in sequence
     /// order for these, as later sequences expire no earlier).
     pub expiry_by_order: bool,
-    /// The publishing agency (for the audit log).
-    pub sender: String,
-    pub message_id: String,
-    pub message_type: String,
-    /// The envelope as the broker checked and completed it. The writer
-    /// encodes it for storage and takes its payload's SHA-256 (for the
-    /// message header and the audit log) on its own thread: the runtime
-    /// thread that decoded the publish has enough to do.
+    /// The envelope as the broker checked and completed it: its `sender`
+    /// (the publishing agency), `message_id` and `message_type` are the
+    /// publish's. The writer encodes it for storage and takes its payload's
+    /// SHA-256 (for the message header and the audit log) on its own
+    /// thread: the runtime thread that decoded the publish has enough to do.
     pub envelope: crate::proto::Envelope,
     pub reply: oneshot::Sender<Result<Published, StorageError>>,
 }
@@ -1391,6 +1388,9 @@ mod tests {
     /// An envelope carrying `body`, as tests hand publishes to the store.
     fn enveloped(body: &[u8]) -> crate::proto::Envelope {
         crate::proto::Envelope {
+            sender: "police".into(),
+            message_id: "m".into(),
+            message_type: "t.T".into(),
             payload: body.to_vec(),
             ..Default::default()
         }
@@ -1427,9 +1427,6 @@ mod tests {
                 publish_ms: now_ms(),
                 expires_ms,
                 expiry_by_order,
-                sender: "police".into(),
-                message_id: "m".into(),
-                message_type: "t.T".into(),
                 envelope: enveloped(body),
                 reply,
             })
@@ -1689,7 +1686,7 @@ mod tests {
     }
 
     /// A store with 400-byte message segments and messages 1..=`n` for
-    /// subscription a, the i-th `[i; 100]`: 159-byte stored values, two to
+    /// subscription a, the i-th `[i; 100]`: 175-byte stored values, two to
     /// a segment.
     async fn small_segments_with(n: u8) -> (tempfile::TempDir, Store) {
         let tmp = tempfile::tempdir().unwrap();

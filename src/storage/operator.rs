@@ -198,10 +198,10 @@ mod tests {
                 publish_ms: now_ms(),
                 expires_ms: 0,
                 expiry_by_order: false,
-                sender: "police".into(),
-                message_id: "m".into(),
-                message_type: "t.T".into(),
                 envelope: crate::proto::Envelope {
+                    sender: "police".into(),
+                    message_id: "m".into(),
+                    message_type: "t.T".into(),
                     payload: b"envelope".to_vec(),
                     ..Default::default()
                 },

@@ -578,8 +578,8 @@ impl Writer {
             publish_ms: p.publish_ms,
             expires_ms: p.expires_ms,
             digest: &digest,
-            message_id: &p.message_id,
-            message_type: &p.message_type,
+            message_id: &p.envelope.message_id,
+            message_type: &p.envelope.message_type,
             expiry_by_order: p.expiry_by_order,
         };
         let seq = self.append(group, topic, &p.targets, header, &envelope);
@@ -1362,10 +1362,10 @@ fn publish_event(
     kind: EventKind,
     seq: u64,
 ) -> AuditEvent {
-    let mut event = AuditEvent::new(kind, p.sender.clone());
+    let mut event = AuditEvent::new(kind, p.envelope.sender.clone());
     event.topic = p.topic.name.clone();
-    event.message_id = p.message_id.clone();
-    event.message_type = p.message_type.clone();
+    event.message_id = p.envelope.message_id.clone();
+    event.message_type = p.envelope.message_type.clone();
     event.digest = Some(digest);
     event.sequence = seq;
     event
