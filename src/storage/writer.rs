@@ -589,7 +589,7 @@ impl Writer {
             group.put(dedup_key, &value);
             group.put(&keys::dedup_by_time(p.publish_ms, dedup_key), &[]);
         }
-        let event = publish_event(&p, digest, EventKind::Publish, seq);
+        let event = publish_event(&p, digest, seq);
         self.record(group, event, now);
         group.publishes += 1;
         group.replies.push((
@@ -1356,13 +1356,8 @@ const REPORT_TYPE: &str = "joinery.v1.DeliveryReport";
 const REPORT_SENDER: &str = "joinery";
 const REPORT_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 
-fn publish_event(
-    p: &super::PublishOp,
-    digest: [u8; audit::HASH_LEN],
-    kind: EventKind,
-    seq: u64,
-) -> AuditEvent {
-    let mut event = AuditEvent::new(kind, p.envelope.sender.clone());
+fn publish_event(p: &super::PublishOp, digest: [u8; audit::HASH_LEN], seq: u64) -> AuditEvent {
+    let mut event = AuditEvent::new(EventKind::Publish, p.envelope.sender.clone());
     event.topic = p.topic.name.clone();
     event.message_id = p.envelope.message_id.clone();
     event.message_type = p.envelope.message_type.clone();
