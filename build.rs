@@ -24,6 +24,9 @@ fn main() -> anyhow::Result<()> {
     )?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::StrictCodec")
+        // A payload decoded from a request or a stored value is a slice of
+        // the buffer it came in, not a copy.
+        .bytes(".joinery.v1.Envelope.payload")
         .compile_fds(fds)?;
 
     let mut library = vec![

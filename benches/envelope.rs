@@ -29,7 +29,7 @@ fn envelope() -> Envelope {
     Envelope {
         message_id: "0190f5c2-7d1e-7b3a-9c4f-2e8d6a1b5c3f".into(),
         message_type: "interop.referral.v1.SafeguardingReferral".into(),
-        payload: payload(),
+        payload: payload().into(),
         correlation_id: "case-2024-000123".into(),
         causation_id: "0190f5c1-0a2b-7c3d-8e4f-5a6b7c8d9e0f".into(),
         created_at: Some(prost_types::Timestamp {

@@ -66,7 +66,7 @@ struct Fixture {
     store: Store,
     topic: Arc<TopicState>,
     sub: Arc<SubState>,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
     next_id: u64,
     // Dropped last: the store is closed before the directory goes.
     dir: tempfile::TempDir,
@@ -91,7 +91,10 @@ impl Fixture {
                 .subscription(SUBSCRIPTION)
                 .expect("the subscription is registered"),
             store,
-            payload: (0..PAYLOAD_BYTES).map(|i| (i * 31 % 251) as u8).collect(),
+            payload: (0..PAYLOAD_BYTES)
+                .map(|i| (i * 31 % 251) as u8)
+                .collect::<Vec<u8>>()
+                .into(),
             next_id: 0,
             dir,
         }

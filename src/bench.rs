@@ -224,7 +224,7 @@ impl Requests {
             topic: self.topic.clone(),
             envelope: Some(Envelope {
                 message_type: MESSAGE_TYPE.to_string(),
-                payload: BenchPayload { data }.encode_to_vec(),
+                payload: BenchPayload { data }.encode_to_vec().into(),
                 ..Default::default()
             }),
         }
@@ -431,7 +431,7 @@ impl Consumer {
     }
 
     /// The next delivery, acked; None when none came within the timeout.
-    async fn next_acked(&mut self) -> Result<Option<Vec<u8>>, BenchError> {
+    async fn next_acked(&mut self) -> Result<Option<bytes::Bytes>, BenchError> {
         match tokio::time::timeout(DELIVERY_TIMEOUT, self.deliveries.next()).await {
             Err(_) => Ok(None),
             Ok(None) => Err(BenchError::Closed("Subscribe")),
@@ -677,7 +677,7 @@ mod tests {
         let payload = request.envelope.unwrap().payload;
         let stamp = stamp_of(&payload).unwrap();
         assert!(stamp <= now_ns());
-        let data = BenchPayload::decode(payload.as_slice()).unwrap().data;
+        let data = BenchPayload::decode(&payload[..]).unwrap().data;
         assert_eq!(data.len(), 64);
         assert_eq!(&data[8..16], &7u64.to_le_bytes());
         assert!(stamp_of(b"\xff\xff").is_err());

@@ -587,7 +587,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let envelope = Envelope {
         message_id: args.message_id.clone().unwrap_or_default(),
         message_type: args.message_type.clone(),
-        payload,
+        payload: payload.into(),
         correlation_id: args.correlation_id.clone().unwrap_or_default(),
         expires_at: args.expires_in.map(|d| {
             let at = std::time::SystemTime::now() + d;

@@ -17,7 +17,7 @@ fn report_of(d: &joinery::proto::Delivery) -> DeliveryReport {
     let envelope = d.envelope.as_ref().unwrap();
     assert_eq!(envelope.message_type, "joinery.v1.DeliveryReport");
     assert_eq!(envelope.sender, "joinery");
-    DeliveryReport::decode(envelope.payload.as_slice()).unwrap()
+    DeliveryReport::decode(&envelope.payload[..]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,7 +207,7 @@ async fn publish_to(
             topic: topic.into(),
             envelope: Some(Envelope {
                 message_type: message_type.into(),
-                payload,
+                payload: payload.into(),
                 ..Default::default()
             }),
         })
@@ -303,7 +303,7 @@ async fn every_example_is_published_and_delivered_unchanged() {
         .into_iter()
         .map(|d| {
             let e = d.envelope.unwrap();
-            (e.message_type, e.payload)
+            (e.message_type, e.payload.to_vec())
         })
         .collect();
     assert_eq!(got, sent, "payloads arrive byte for byte, in order");
@@ -1916,7 +1916,7 @@ async fn a_registered_type_is_validated_fetched_published_and_decoded() {
     let envelope = delivery.envelope.unwrap();
     assert_eq!(envelope.message_type, VISIT_TYPE);
     assert_eq!(envelope.payload, valid.binary);
-    let decoded = DynamicMessage::decode(descriptor, envelope.payload.as_slice()).unwrap();
+    let decoded = DynamicMessage::decode(descriptor, &envelope.payload[..]).unwrap();
     assert_eq!(serde_json::to_value(&decoded).unwrap(), visit_json());
 
     // Publishing an invalid one is refused by the registered rules.

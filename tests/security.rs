@@ -584,12 +584,12 @@ async fn envelope_over_max_message_bytes_is_resource_exhausted() {
 
     // Just under the limit: accepted, so the limit really is 2048.
     let mut fits = envelope("");
-    fits.payload = vec![b'x'; 1900];
+    fits.payload = vec![b'x'; 1900].into();
     let published = publish(&mut police, fits).await.expect("1900 bytes fit");
     assert_eq!(published.sequence, 1);
 
     let mut big = envelope("");
-    big.payload = vec![b'x'; 3000];
+    big.payload = vec![b'x'; 3000].into();
     let status = publish_to(&mut police, TOPIC, Some(big)).await.unwrap_err();
     println!("over the envelope limit: {status:?}");
     assert_refused(
@@ -612,7 +612,7 @@ async fn request_far_over_max_message_bytes_is_resource_exhausted_too() {
     let broker = limited_broker().await;
     let mut police = broker.client("police").await;
     let mut huge = envelope("");
-    huge.payload = vec![b'x'; 200 * 1024];
+    huge.payload = vec![b'x'; 200 * 1024].into();
     let status = publish_to(&mut police, TOPIC, Some(huge))
         .await
         .unwrap_err();

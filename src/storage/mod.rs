@@ -1391,7 +1391,7 @@ mod tests {
             sender: "police".into(),
             message_id: "m".into(),
             message_type: "t.T".into(),
-            payload: body.to_vec(),
+            payload: body.to_vec().into(),
             ..Default::default()
         }
     }
@@ -1401,6 +1401,7 @@ mod tests {
         <crate::proto::Envelope as prost::Message>::decode(envelope)
             .unwrap()
             .payload
+            .to_vec()
     }
 
     async fn publish(store: &Store, topic: &str, targets: &[&str], body: &[u8]) -> u64 {

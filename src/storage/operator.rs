@@ -202,7 +202,7 @@ mod tests {
                     sender: "police".into(),
                     message_id: "m".into(),
                     message_type: "t.T".into(),
-                    payload: b"envelope".to_vec(),
+                    payload: bytes::Bytes::from_static(b"envelope"),
                     ..Default::default()
                 },
                 reply,

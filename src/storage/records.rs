@@ -50,9 +50,27 @@ impl StoredMessage {
     const FIXED: usize = 1 + 8 + 8 + 32 + 2 + 2;
 
     pub fn encode_value(header: MessageHeader<'_>, envelope: &[u8]) -> Vec<u8> {
+        let mut out = Self::encode_head(header, envelope.len());
+        out.extend_from_slice(envelope);
+        out
+    }
+
+    /// [`Self::encode_value`] of an envelope not yet encoded: it is encoded
+    /// straight into the value, not into a buffer of its own first.
+    pub fn encode_value_of(
+        header: MessageHeader<'_>,
+        envelope: &crate::proto::Envelope,
+    ) -> Vec<u8> {
+        let mut out = Self::encode_head(header, prost::Message::encoded_len(envelope));
+        prost::Message::encode_raw(envelope, &mut out);
+        out
+    }
+
+    /// Everything of a value before its envelope, with room for `envelope` bytes more.
+    fn encode_head(header: MessageHeader<'_>, envelope: usize) -> Vec<u8> {
         let id = clip(header.message_id);
         let ty = clip(header.message_type);
-        let mut out = Vec::with_capacity(Self::FIXED + id.len() + ty.len() + envelope.len());
+        let mut out = Vec::with_capacity(Self::FIXED + id.len() + ty.len() + envelope);
         let by_order = header.expiry_by_order && header.expires_ms != 0;
         out.push(if by_order { FORMAT_BY_ORDER } else { FORMAT_V1 });
         out.extend_from_slice(&header.publish_ms.to_be_bytes());
@@ -62,7 +80,6 @@ impl StoredMessage {
         out.extend_from_slice(id);
         out.extend_from_slice(&(ty.len() as u16).to_be_bytes());
         out.extend_from_slice(ty);
-        out.extend_from_slice(envelope);
         out
     }
 

@@ -573,7 +573,6 @@ impl Writer {
         }
 
         let digest = audit::payload_digest(&p.envelope.payload);
-        let envelope = prost::Message::encode_to_vec(&p.envelope);
         let header = MessageHeader {
             publish_ms: p.publish_ms,
             expires_ms: p.expires_ms,
@@ -582,7 +581,7 @@ impl Writer {
             message_type: &p.envelope.message_type,
             expiry_by_order: p.expiry_by_order,
         };
-        let seq = self.append(group, topic, &p.targets, header, &envelope);
+        let seq = self.append(group, topic, &p.targets, header, &p.envelope);
         if let Some(dedup_key) = &p.dedup_key {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&p.publish_ms.to_be_bytes());
@@ -611,14 +610,14 @@ impl Writer {
         topic: u32,
         targets: &[Arc<SubState>],
         header: MessageHeader<'_>,
-        envelope: &[u8],
+        envelope: &crate::proto::Envelope,
     ) -> u64 {
         let next = self.next_seq.entry(topic).or_insert(1);
         let seq = *next;
         *next += 1;
         group.next_seqs.insert(topic, seq + 1);
         if !targets.is_empty() {
-            let value = StoredMessage::encode_value(header, envelope);
+            let value = StoredMessage::encode_value_of(header, envelope);
             // Decoded from what is stored, so it is what a read would give;
             // not built when no target has room for it.
             let message = if targets.iter().any(|sub| sub.wants_fresh()) {
@@ -727,7 +726,7 @@ impl Writer {
             attempts,
             time: Some(time),
         };
-        let payload = report.encode_to_vec();
+        let payload = bytes::Bytes::from(report.encode_to_vec());
         let message_id = format!("report:{}:{}:{}", topic.name, message.seq, sub.name);
         let envelope = crate::proto::Envelope {
             message_id: message_id.clone(),
@@ -739,8 +738,7 @@ impl Writer {
             marking: crate::proto::Marking::Official as i32,
             sender: REPORT_SENDER.into(),
             ..Default::default()
-        }
-        .encode_to_vec();
+        };
         let digest = audit::payload_digest(&payload);
         let header = MessageHeader {
             publish_ms: now,

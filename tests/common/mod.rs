@@ -368,7 +368,7 @@ impl Drop for TestBroker {
 pub fn envelope(text: &str) -> Envelope {
     Envelope {
         message_type: TYPE.into(),
-        payload: payload(text),
+        payload: payload(text).into(),
         ..Default::default()
     }
 }
