@@ -119,4 +119,53 @@ async fn dead_lettered_and_expired_messages_each_report_once_to_their_sender() {
         Err(e) => e,
     };
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // Each report is in the audit log as a publish by the broker itself,
+    // naming the message it reports on.
+    drop((police_reports, nhs_reports, fire_reports));
+    drop((police, nhs, fire));
+    let data = broker.data_dir();
+    let (_tmp, _pki) = broker.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_joinery"))
+        .args(["audit", "export", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut published: Vec<(String, String, String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "publish" && r["agency"] == "joinery")
+        .map(|r| {
+            let field = |name: &str| r[name].as_str().unwrap_or_default().to_string();
+            (
+                field("topic"),
+                field("message_id"),
+                field("message_type"),
+                field("reason"),
+            )
+        })
+        .collect();
+    published.sort();
+    assert_eq!(
+        published,
+        vec![
+            (
+                "reports.nhs".to_string(),
+                format!("report:{TOPIC}:{}:council.inbox", expired.sequence),
+                "joinery.v1.DeliveryReport".to_string(),
+                "delivery report for nhs-0001".to_string(),
+            ),
+            (
+                "reports.police".to_string(),
+                format!("report:{TOPIC}:{}:council.inbox", poisoned.sequence),
+                "joinery.v1.DeliveryReport".to_string(),
+                "delivery report for police-0001".to_string(),
+            ),
+        ]
+    );
 }

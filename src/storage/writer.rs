@@ -588,7 +588,7 @@ impl Writer {
             group.put(dedup_key, &value);
             group.put(&keys::dedup_by_time(p.publish_ms, dedup_key), &[]);
         }
-        let event = publish_event(&p, digest, seq);
+        let event = publish_event(&p.envelope, &p.topic.name, digest, seq);
         self.record(group, event, now);
         group.publishes += 1;
         group.replies.push((
@@ -726,12 +726,10 @@ impl Writer {
             attempts,
             time: Some(time),
         };
-        let payload = bytes::Bytes::from(report.encode_to_vec());
-        let message_id = format!("report:{}:{}:{}", topic.name, message.seq, sub.name);
         let envelope = crate::proto::Envelope {
-            message_id: message_id.clone(),
+            message_id: format!("report:{}:{}:{}", topic.name, message.seq, sub.name),
             message_type: REPORT_TYPE.into(),
-            payload: payload.clone(),
+            payload: report.encode_to_vec().into(),
             correlation_id: original.correlation_id,
             causation_id: message.message_id.clone(),
             created_at: Some(time),
@@ -739,22 +737,17 @@ impl Writer {
             sender: REPORT_SENDER.into(),
             ..Default::default()
         };
-        let digest = audit::payload_digest(&payload);
+        let digest = audit::payload_digest(&envelope.payload);
         let header = MessageHeader {
             publish_ms: now,
             expires_ms: now.saturating_add(REPORT_RETENTION_MS),
             digest: &digest,
-            message_id: &message_id,
+            message_id: &envelope.message_id,
             message_type: REPORT_TYPE,
             expiry_by_order: false,
         };
         let seq = self.append(group, report_topic.id, &[report_sub], header, &envelope);
-        let mut event = AuditEvent::new(EventKind::Publish, REPORT_SENDER);
-        event.topic = report_topic.name.clone();
-        event.message_id = message_id;
-        event.message_type = REPORT_TYPE.into();
-        event.digest = Some(digest);
-        event.sequence = seq;
+        let mut event = publish_event(&envelope, &report_topic.name, digest, seq);
         event.reason = format!("delivery report for {}", message.message_id);
         self.record(group, event, now);
     }
@@ -1354,11 +1347,17 @@ const REPORT_TYPE: &str = "joinery.v1.DeliveryReport";
 const REPORT_SENDER: &str = "joinery";
 const REPORT_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 
-fn publish_event(p: &super::PublishOp, digest: [u8; audit::HASH_LEN], seq: u64) -> AuditEvent {
-    let mut event = AuditEvent::new(EventKind::Publish, p.envelope.sender.clone());
-    event.topic = p.topic.name.clone();
-    event.message_id = p.envelope.message_id.clone();
-    event.message_type = p.envelope.message_type.clone();
+/// The audit record of `envelope`, stored as `seq` of `topic`.
+fn publish_event(
+    envelope: &crate::proto::Envelope,
+    topic: &str,
+    digest: [u8; audit::HASH_LEN],
+    seq: u64,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(EventKind::Publish, envelope.sender.clone());
+    event.topic = topic.to_string();
+    event.message_id = envelope.message_id.clone();
+    event.message_type = envelope.message_type.clone();
     event.digest = Some(digest);
     event.sequence = seq;
     event
