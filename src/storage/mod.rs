@@ -1386,7 +1386,7 @@ mod tests {
     }
 
     /// An envelope carrying `body`, as tests hand publishes to the store.
-    fn enveloped(body: &[u8]) -> crate::proto::Envelope {
+    pub(super) fn enveloped(body: &[u8]) -> crate::proto::Envelope {
         crate::proto::Envelope {
             sender: "police".into(),
             message_id: "m".into(),

@@ -198,13 +198,7 @@ mod tests {
                 publish_ms: now_ms(),
                 expires_ms: 0,
                 expiry_by_order: false,
-                envelope: crate::proto::Envelope {
-                    sender: "police".into(),
-                    message_id: "m".into(),
-                    message_type: "t.T".into(),
-                    payload: bytes::Bytes::from_static(b"envelope"),
-                    ..Default::default()
-                },
+                envelope: crate::storage::tests::enveloped(b"envelope"),
                 reply,
             })
             .await
