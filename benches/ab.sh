@@ -10,8 +10,10 @@
 #          benches/ab.sh ./target/release/joinery new pub 200000 1024 window=256
 #        done
 #   env: AB_ENV (extra environment for the broker, e.g. "MIMALLOC_PURGE_DELAY=0")
+#        AB_CONFIG (a config file to run instead of the embedded default, e.g.
+#        benches/deliver-before-sync.toml)
 #
-# The broker runs the embedded default configuration in a scratch directory
+# The broker runs the embedded default configuration (or AB_CONFIG) in a scratch directory
 # (removed afterwards) and is stopped by its own PID. Prints one line: the
 # label, the bench's JSON line, the broker's CPU (cs: hundredths of a second,
 # utime + stime from /proc), the load generator's CPU, and the broker's group
@@ -36,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cp "$ROOT/src/default_config.toml" "$DIR/config.toml"
+cp "${AB_CONFIG:-$ROOT/src/default_config.toml}" "$DIR/config.toml"
 cd "$DIR" # the development PKI is relative to the working directory
 # shellcheck disable=SC2086 # AB_ENV is a list of NAME=value words
 env ${AB_ENV:-} "$BIN" serve --config "$DIR/config.toml" >"$DIR/server.log" 2>&1 &

@@ -267,6 +267,12 @@ impl Broker {
                     )
                 })
                 .collect(),
+            deliver_before_sync: config
+                .topics
+                .iter()
+                .filter(|t| t.deliver_before_sync)
+                .map(|t| t.name.clone())
+                .collect(),
         };
         let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
         let subs: Vec<(String, String)> = config

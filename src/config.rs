@@ -467,6 +467,14 @@ pub struct TopicConfig {
     /// Highest marking that may be published to the topic. Default OFFICIAL.
     #[serde(default)]
     pub max_marking: Marking,
+    /// Deliver each message to its subscribers as soon as it is stored,
+    /// while its group is still being synced, instead of once it is on disk.
+    /// Its publisher is still answered only after the sync. Off by default:
+    /// after a crash in that window a consumer may have been given a message
+    /// the restarted broker no longer holds (its publisher got no answer and
+    /// should publish it again). Its sequence number is never reused.
+    #[serde(default)]
+    pub deliver_before_sync: bool,
 }
 
 impl TopicConfig {
@@ -803,6 +811,7 @@ impl Config {
                     subscribers: vec![agency.id.clone()],
                     retention: Some(Duration::from_secs(30 * 24 * 3600)),
                     max_marking: Marking::Official,
+                    deliver_before_sync: false,
                 });
             }
             let subscription = Self::report_subscription(&agency.id);

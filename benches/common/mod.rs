@@ -33,6 +33,7 @@ pub fn open_store(
             body_segment_bytes: joinery::storage::bodies::SEGMENT_BYTES,
             compact_after: joinery::storage::bodies::COMPACT_AFTER,
             reports: Vec::new(),
+            deliver_before_sync: Vec::new(),
         },
         topics,
         subscriptions,

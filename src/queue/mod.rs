@@ -11,7 +11,9 @@
 //!   nor more than its credit when it uses credit.
 //! - Fresh messages are delivered in sequence order; redeliveries go first
 //!   when they are due (so they may arrive after later messages).
-//! - Only durable messages are delivered (the topic's `committed` sequence).
+//! - Only durable messages are delivered (the topic's `committed` sequence),
+//!   unless the topic is configured `deliver_before_sync`: then a message
+//!   may be delivered while its group commit is syncing it.
 //! - A message is acked, dead-lettered or still pending: the store decides,
 //!   so an ack that races an expiry settles it once.
 //! - After a purge, nothing the dispatcher handed out before it reaches a

@@ -25,6 +25,11 @@ pub const DEDUP_BY_TIME: u8 = b'w';
 pub const EXPIRY: u8 = b'x';
 /// Next sequence of a topic: `s topic(4)` → seq(8).
 pub const NEXT_SEQ: u8 = b's';
+/// Sequence floor of a topic that delivers before its syncs: `S topic(4)` →
+/// seq(8). No sequence below it is handed out again, as one of them may have
+/// been delivered before a crash lost it; raised well ahead of the topic's
+/// sequences, so a restart skips ahead to it.
+pub const SEQ_FLOOR: u8 = b'S';
 /// Subscription counters: `k sub(4)` → depth(8) dead_letters(8).
 pub const COUNTERS: u8 = b'k';
 /// Name registry: `n t <topic name>` → topic(4); `n s <subscription name>` → sub(4) topic(4).
@@ -126,6 +131,10 @@ pub fn body_live_segment(key: &[u8]) -> Option<u64> {
 
 pub fn next_seq(topic: u32) -> [u8; 5] {
     id_only(NEXT_SEQ, topic)
+}
+
+pub fn seq_floor(topic: u32) -> [u8; 5] {
+    id_only(SEQ_FLOOR, topic)
 }
 
 pub fn counters(sub: u32) -> [u8; 5] {

@@ -61,7 +61,12 @@
 //! - A publish is answered OK only after the journal sync covering it, and
 //!   after its writes are applied to sled.
 //! - A subscription is only ever shown messages at or below its topic's
-//!   `committed` sequence, i.e. durable ones.
+//!   `committed` sequence, i.e. durable ones, unless its topic delivers
+//!   before sync (`deliver_before_sync`): then a message goes to the
+//!   dispatchers once it is in a group, if its sequence is below the
+//!   topic's durable floor (`S topic`), which the writer keeps raised ahead
+//!   of the sequences it hands out, so that none delivered and then lost
+//!   in a crash is ever handed out again.
 //! - Reads (`scan_pending`, `load_message`, ...) are blocking sled calls:
 //!   call them from `spawn_blocking`.
 
@@ -154,6 +159,9 @@ pub struct StoreOptions {
     /// (agency, report topic, report subscription): where delivery reports
     /// about the agency's messages go.
     pub reports: Vec<(String, String, String)>,
+    /// Topics whose messages go to their dispatchers as soon as they are
+    /// stored, before their group is synced (`deliver_before_sync`).
+    pub deliver_before_sync: Vec<String>,
 }
 
 /// A topic as the store sees it.
@@ -165,11 +173,28 @@ pub struct TopicState {
     pub subs: Vec<Arc<SubState>>,
     /// Highest sequence that is durable (0 = none yet).
     committed: AtomicU64,
+    /// Whether its messages are handed to the dispatchers before their
+    /// group is synced.
+    pub deliver_before_sync: bool,
+    /// Durable sequence floor ([`keys::SEQ_FLOOR`]): a sequence below it may
+    /// be delivered before its sync, as no later process hands it out again.
+    seq_floor: AtomicU64,
 }
 
 impl TopicState {
     pub fn committed(&self) -> u64 {
         self.committed.load(Ordering::Acquire)
+    }
+
+    /// Its durable sequence floor (0: none).
+    fn seq_floor(&self) -> u64 {
+        self.seq_floor.load(Ordering::Acquire)
+    }
+
+    /// Whether the message with sequence `seq` may go to the dispatchers
+    /// before its group is synced.
+    fn deliverable_early(&self, seq: u64) -> bool {
+        self.deliver_before_sync && seq < self.seq_floor()
     }
 }
 
@@ -458,6 +483,8 @@ struct Inner {
     audit_enabled: bool,
     /// Reads message bodies from their segment files.
     bodies: Arc<bodies::Reader>,
+    #[cfg(test)]
+    sync_gate: writer::SyncGate,
 }
 
 /// 2: pending entries may carry their message inline ([`Pending`]). A
@@ -563,6 +590,12 @@ impl Store {
                 })?,
                 None => 1,
             };
+            let floor = match db.get(keys::seq_floor(*id))? {
+                Some(v) => keys::be_u64(&v).ok_or_else(|| StorageError::Corrupt {
+                    what: format!("sequence floor of topic {name:?}"),
+                })?,
+                None => 0,
+            };
             topic_states.insert(
                 name.clone(),
                 Arc::new(TopicState {
@@ -570,6 +603,8 @@ impl Store {
                     name: name.clone(),
                     subs: subs_by_topic.remove(name).unwrap_or_default(),
                     committed: AtomicU64::new(next.saturating_sub(1)),
+                    deliver_before_sync: options.deliver_before_sync.contains(name),
+                    seq_floor: AtomicU64::new(floor),
                 }),
             );
         }
@@ -611,6 +646,8 @@ impl Store {
             reports,
             reader.clone(),
         )?;
+        #[cfg(test)]
+        let sync_gate = writer.sync_gate();
         let handle = std::thread::Builder::new()
             .name("joinery-writer".into())
             .spawn(move || writer.run())
@@ -628,6 +665,8 @@ impl Store {
                 stats,
                 audit_enabled,
                 bodies: reader,
+                #[cfg(test)]
+                sync_gate,
             }),
         })
     }
@@ -1365,6 +1404,25 @@ mod tests {
         body_segment_bytes: u64,
         compact_after: Duration,
     ) -> Result<Store, StorageError> {
+        try_open_with_options(dir, body_segment_bytes, compact_after, Vec::new())
+    }
+
+    /// The test store with topic `t` delivering before sync, or not.
+    fn open_delivering_early(dir: &Path, early: bool) -> Store {
+        let early = if early {
+            vec!["t".to_string()]
+        } else {
+            Vec::new()
+        };
+        try_open_with_options(dir, bodies::SEGMENT_BYTES, Duration::ZERO, early).unwrap()
+    }
+
+    fn try_open_with_options(
+        dir: &Path,
+        body_segment_bytes: u64,
+        compact_after: Duration,
+        deliver_before_sync: Vec<String>,
+    ) -> Result<Store, StorageError> {
         Store::open(
             dir,
             StoreOptions {
@@ -1376,6 +1434,7 @@ mod tests {
                 body_segment_bytes,
                 compact_after,
                 reports: Vec::new(),
+                deliver_before_sync,
             },
             &["t".to_string(), "quiet".to_string()],
             &[
@@ -1472,6 +1531,118 @@ mod tests {
             from = message.seq + 1;
         }
         taken.iter().map(|m| m.seq).collect()
+    }
+
+    /// Publishes `body` to `t` for `a` in a task of its own; the sequence
+    /// once it is durable.
+    fn publish_in_task(store: &Store, body: &'static [u8]) -> tokio::task::JoinHandle<u64> {
+        let store = store.clone();
+        tokio::spawn(async move { publish(&store, "t", &["a"], body).await })
+    }
+
+    /// Waits (at most 5 s) until `sub` holds fresh messages.
+    async fn until_fresh(store: &Store, sub: &str) -> bool {
+        let state = store.subscription(sub).unwrap();
+        for _ in 0..5000 {
+            if state.has_fresh() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_topic_that_delivers_before_sync_hands_messages_over_before_their_sync() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_delivering_early(tmp.path(), true);
+        let topic = store.topic("t").unwrap();
+        let a = store.subscription("a").unwrap();
+
+        // The first sequence is not below a durable floor yet: it waits for
+        // its sync, whose group raises the floor.
+        let release = store.inner.sync_gate.hold();
+        let first = publish_in_task(&store, b"1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!a.has_fresh(), "handed over before the floor was durable");
+        drop(release);
+        assert_eq!(first.await.unwrap(), 1);
+        assert_eq!(topic.seq_floor(), 1 + writer::SEQ_FLOOR_STEP);
+        assert_eq!(take_fresh_checked(&store, "a", 1), [1]);
+
+        // Below the floor: handed over while its group is held from the sync.
+        let release = store.inner.sync_gate.hold();
+        let second = publish_in_task(&store, b"2");
+        assert!(
+            until_fresh(&store, "a").await,
+            "not handed over before its sync"
+        );
+        assert!(!second.is_finished(), "answered before its sync");
+        assert_eq!(topic.committed(), 1);
+        let taken = a.take_fresh(2, 10);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].seq, payload(&taken[0].envelope)),
+            (2, b"2".to_vec())
+        );
+        drop(release);
+        assert_eq!(second.await.unwrap(), 2);
+        assert_eq!(topic.committed(), 2);
+
+        // The same with the topic delivering after sync: nothing before it.
+        store.close().await.unwrap();
+        drop(store);
+        let store = open_delivering_early(tmp.path(), false);
+        let a = store.subscription("a").unwrap();
+        let release = store.inner.sync_gate.hold();
+        let third = publish_in_task(&store, b"3");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!a.has_fresh(), "handed over before its sync");
+        drop(release);
+        let third = third.await.unwrap();
+        assert!(until_fresh(&store, "a").await);
+        assert_eq!(a.take_fresh(third, 10)[0].seq, third);
+    }
+
+    #[tokio::test]
+    async fn sequences_that_may_have_been_delivered_before_sync_are_not_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_delivering_early(tmp.path(), true);
+        for (i, body) in [b"1", b"2", b"3"].into_iter().enumerate() {
+            assert_eq!(publish(&store, "t", &["a"], body).await, i as u64 + 1);
+        }
+        store.close().await.unwrap();
+        drop(store);
+
+        // Reopened: sequences go on from the floor, above any the last
+        // process could have handed over early; what is stored stays.
+        let floor = 1 + writer::SEQ_FLOOR_STEP;
+        let store = open_delivering_early(tmp.path(), true);
+        let topic = store.topic("t").unwrap();
+        assert_eq!((topic.committed(), topic.seq_floor()), (3, floor));
+        assert_eq!(publish(&store, "t", &["a"], b"4").await, floor);
+        let rows = store
+            .scan_pending(&store.subscription("a").unwrap(), 1, topic.committed(), 10)
+            .unwrap();
+        let seqs: Vec<u64> = rows.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(seqs, [1, 2, 3, floor]);
+        store.close().await.unwrap();
+        drop(store);
+
+        // Delivering after sync again, the topic still keeps above its
+        // floor (raised by the last publish), and raises it no more.
+        let store = open_delivering_early(tmp.path(), false);
+        let raised = floor + writer::SEQ_FLOOR_STEP;
+        assert_eq!(publish(&store, "t", &["a"], b"5").await, raised);
+        assert_eq!(publish(&store, "t", &["a"], b"6").await, raised + 1);
+        store.close().await.unwrap();
+        drop(store);
+        let store = open_delivering_early(tmp.path(), false);
+        assert_eq!(store.topic("t").unwrap().seq_floor(), raised);
+        assert_eq!(publish(&store, "t", &["a"], b"7").await, raised + 2);
+        // A topic that never delivered early goes on one by one.
+        assert_eq!(publish(&store, "quiet", &[], b"q").await, 1);
+        assert_eq!(publish(&store, "quiet", &[], b"q").await, 2);
     }
 
     #[tokio::test]
@@ -2437,6 +2608,7 @@ mod tests {
             body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
             compact_after: crate::storage::bodies::COMPACT_AFTER,
             reports: Vec::new(),
+            deliver_before_sync: Vec::new(),
         };
         let topics = ["t".to_string()];
         let subs = [("a".to_string(), "t".to_string())];
@@ -2491,6 +2663,7 @@ mod tests {
                 body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
                 compact_after: crate::storage::bodies::COMPACT_AFTER,
                 reports: Vec::new(),
+                deliver_before_sync: Vec::new(),
             },
             &["t".to_string()],
             &[],
@@ -2515,6 +2688,7 @@ mod tests {
                 body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
                 compact_after: crate::storage::bodies::COMPACT_AFTER,
                 reports: Vec::new(),
+                deliver_before_sync: Vec::new(),
             },
             &["t".to_string(), "quiet".to_string()],
             &[("a".to_string(), "quiet".to_string())],

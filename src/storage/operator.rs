@@ -175,6 +175,7 @@ mod tests {
                 body_segment_bytes: crate::storage::bodies::SEGMENT_BYTES,
                 compact_after: crate::storage::bodies::COMPACT_AFTER,
                 reports: Vec::new(),
+                deliver_before_sync: Vec::new(),
             },
             &["t".to_string()],
             &[

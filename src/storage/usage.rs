@@ -50,7 +50,7 @@ fn kind_of(first: u8) -> (&'static str, bool) {
         keys::DEDUP => ("dedup entries", false),
         keys::DEDUP_BY_TIME => ("dedup expiry index", false),
         keys::EXPIRY => ("message expiry index", false),
-        keys::NEXT_SEQ => ("topic sequences", false),
+        keys::NEXT_SEQ | keys::SEQ_FLOOR => ("topic sequences", false),
         keys::COUNTERS => ("subscription counters", false),
         keys::NAME => ("names", false),
         keys::AUDIT => ("audit records (one per key)", true),

@@ -47,6 +47,13 @@ const PRUNE_SEGMENTS: usize = 16;
 /// retention, within these bounds.
 const PRUNE_MIN: Duration = Duration::from_millis(50);
 const PRUNE_MAX: Duration = Duration::from_secs(60);
+/// How far ahead of its sequences the writer keeps the floor of a topic
+/// that delivers before sync ([`keys::SEQ_FLOOR`]): it is raised to a
+/// sequence this far ahead once one comes within half of it, so a restart
+/// skips at most this many sequences, and a message goes to its dispatchers
+/// after its sync only if half of this many were stored while one raise
+/// waited for its sync.
+pub(super) const SEQ_FLOOR_STEP: u64 = 1 << 16;
 
 pub(super) struct Writer {
     db: sled::Db,
@@ -58,6 +65,9 @@ pub(super) struct Writer {
     options: StoreOptions,
     topics: IdMap<u32, Arc<TopicState>>,
     next_seq: IdMap<u32, u64>,
+    /// Sequence floor of each topic that delivers before sync, as written
+    /// by the groups built so far (durable or not).
+    seq_floors: IdMap<u32, u64>,
     /// Built groups on their way to the flusher thread (None once stopped).
     durable: Option<std::sync::mpsc::SyncSender<Applied>>,
     /// The flusher's state, which the writer may use itself when idle.
@@ -108,6 +118,30 @@ pub(super) struct Writer {
     bodies: Arc<bodies::Reader>,
 }
 
+/// Holds back every group commit while a test looks at what the writer did
+/// before the sync.
+#[cfg(test)]
+pub(super) struct SyncGate(Arc<Shared>);
+
+#[cfg(test)]
+impl SyncGate {
+    /// No group is synced (nor completed by the writer) until the returned
+    /// sender is dropped: a thread holds the flusher's state till then.
+    pub(super) fn hold(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let shared = self.0.clone();
+        std::thread::spawn(move || {
+            let _core = shared.core.lock();
+            let _ = locked.send(());
+            // Err once the sender is dropped.
+            let _ = released.recv();
+        });
+        let _ = is_locked.recv();
+        release
+    }
+}
+
 /// State of one group commit being built.
 #[derive(Default)]
 struct Group {
@@ -122,6 +156,8 @@ struct Group {
     deltas: IdMap<u32, (Arc<SubState>, i64, i64)>,
     /// Next sequence of each topic that took one, written once per group.
     next_seqs: IdMap<u32, u64>,
+    /// Sequence floors the group raises.
+    seq_floors: IdMap<u32, u64>,
     /// Messages stored by the group, for their subscriptions' dispatchers:
     /// (subscription, sequence of its previous message, message).
     fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
@@ -215,7 +251,17 @@ impl Writer {
             path: path.clone(),
             source,
         })?;
-        let next_seq = topics.iter().map(|t| (t.id, t.committed() + 1)).collect();
+        // After a restart a topic's sequences go on from its floor, if that
+        // is higher: those below it may have been delivered and then lost.
+        let next_seq = topics
+            .iter()
+            .map(|t| (t.id, (t.committed() + 1).max(t.seq_floor())))
+            .collect();
+        let seq_floors = topics
+            .iter()
+            .filter(|t| t.deliver_before_sync)
+            .map(|t| (t.id, t.seq_floor()))
+            .collect();
         let body_segment_bytes = options.body_segment_bytes;
         let lsn = journal::applied_lsn(&db)?;
         let failure = Failure::default();
@@ -266,6 +312,7 @@ impl Writer {
             options,
             topics: topics.into_iter().map(|t| (t.id, t)).collect(),
             next_seq,
+            seq_floors,
             durable: Some(durable),
             flusher: Some(handle),
             shared,
@@ -288,6 +335,12 @@ impl Writer {
             sparse_since: IdMap::default(),
             bodies: reader,
         })
+    }
+
+    /// Lets a test hold every group between the writer and its sync.
+    #[cfg(test)]
+    pub(super) fn sync_gate(&self) -> SyncGate {
+        SyncGate(self.shared.clone())
     }
 
     pub(super) fn run(mut self) {
@@ -616,6 +669,12 @@ impl Writer {
         let seq = *next;
         *next += 1;
         group.next_seqs.insert(topic, seq + 1);
+        if let Some(floor) = self.seq_floors.get_mut(&topic) {
+            if seq.saturating_add(SEQ_FLOOR_STEP / 2) >= *floor {
+                *floor = seq.saturating_add(SEQ_FLOOR_STEP);
+                group.seq_floors.insert(topic, *floor);
+            }
+        }
         if !targets.is_empty() {
             let value = StoredMessage::encode_value_of(header, envelope);
             // Decoded from what is stored, so it is what a read would give;
@@ -1098,6 +1157,36 @@ impl Writer {
     }
 
     /// Depth and dead letters of `sub` as of the groups built so far.
+    /// Hands the messages of topics that deliver before sync to their
+    /// dispatchers now, as their group goes to be synced, and leaves the
+    /// rest in `fresh` for after the sync. A message whose sequence is not
+    /// below its topic's durable floor waits for the sync too: a crash could
+    /// otherwise hand its sequence to another message after the restart.
+    /// Should a held message come after one handed over early, the
+    /// dispatcher sees the gap and reads the store ([`SubState::take_fresh`]).
+    fn deliver_early(&self, fresh: &mut Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>) {
+        let mut handed: Vec<Arc<SubState>> = Vec::new();
+        let mut held = Vec::new();
+        for (sub, after, message) in fresh.drain(..) {
+            let early = self
+                .topics
+                .get(&sub.topic)
+                .is_some_and(|topic| topic.deliverable_early(message.seq));
+            if !early {
+                held.push((sub, after, message));
+                continue;
+            }
+            sub.push_fresh(after, message);
+            if !handed.iter().any(|s| s.id == sub.id) {
+                handed.push(sub);
+            }
+        }
+        *fresh = held;
+        for sub in handed {
+            sub.notify.notify_one();
+        }
+    }
+
     fn counts(&self, sub: &SubState) -> (u64, u64) {
         self.applied
             .get(&sub.id)
@@ -1117,6 +1206,7 @@ impl Writer {
             woken,
             deltas,
             next_seqs,
+            seq_floors,
             publishes,
             audit,
             prune_audit_before,
@@ -1139,6 +1229,9 @@ impl Writer {
         }
         for (topic, next) in next_seqs {
             put(&keys::next_seq(topic), &next.to_be_bytes());
+        }
+        for (topic, floor) in &seq_floors {
+            put(&keys::seq_floor(*topic), &floor.to_be_bytes());
         }
         let mut counts = Vec::with_capacity(deltas.len());
         for (sub, depth, dead) in deltas.into_values() {
@@ -1204,6 +1297,10 @@ impl Writer {
             Some((self.lsn, changes))
         };
         let needs_flush = record.is_some() || !syncs.is_empty() || checkpoint;
+        let mut fresh = fresh;
+        if self.failed.is_none() && !fresh.is_empty() {
+            self.deliver_early(&mut fresh);
+        }
         let applied = Applied {
             checkpoint,
             record,
@@ -1215,6 +1312,10 @@ impl Writer {
                 .collect(),
             woken: woken.into_values().collect(),
             fresh,
+            seq_floors: seq_floors
+                .into_iter()
+                .filter_map(|(id, floor)| self.topics.get(&id).map(|t| (t.clone(), floor)))
+                .collect(),
             counts,
             publishes,
             needs_flush,

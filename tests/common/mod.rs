@@ -532,6 +532,7 @@ pub fn open_store(data_dir: &Path, config: &Config) -> joinery::storage::Store {
             body_segment_bytes: joinery::storage::bodies::SEGMENT_BYTES,
             compact_after: joinery::storage::bodies::COMPACT_AFTER,
             reports: Vec::new(),
+            deliver_before_sync: Vec::new(),
         },
         &topics,
         &subs,

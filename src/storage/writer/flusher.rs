@@ -52,8 +52,11 @@ pub(super) struct Applied {
     pub committed: Vec<(Arc<TopicState>, u64)>,
     pub woken: Vec<Arc<SubState>>,
     /// Messages stored, handed to their dispatchers once durable (by
-    /// [`Flusher::sync`], after the journal sync and the body writes).
+    /// [`Flusher::sync`], after the journal sync and the body writes), less
+    /// those of topics that deliver before sync (handed over by the writer).
     pub fresh: Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>,
+    /// Sequence floors the group raises, which hold once it is durable.
+    pub seq_floors: Vec<(Arc<TopicState>, u64)>,
     /// Counters as written in the group: (subscription, depth, dead letters).
     pub counts: Vec<(Arc<SubState>, u64, u64)>,
     pub publishes: u64,
@@ -508,6 +511,9 @@ fn answer(group: Applied, result: &Result<(), StorageError>) {
             }
             for (topic, seq) in &group.committed {
                 topic.committed.fetch_max(*seq, Ordering::AcqRel);
+            }
+            for (topic, floor) in &group.seq_floors {
+                topic.seq_floor.fetch_max(*floor, Ordering::AcqRel);
             }
             // Dispatchers first: a delivery's path is longer than a reply's.
             for sub in &group.woken {
