@@ -1298,8 +1298,11 @@ impl Writer {
         };
         let needs_flush = record.is_some() || !syncs.is_empty() || checkpoint;
         let mut fresh = fresh;
+        let mut handed_early = false;
         if self.failed.is_none() && !fresh.is_empty() {
+            let before = fresh.len();
             self.deliver_early(&mut fresh);
+            handed_early = fresh.len() < before;
         }
         let applied = Applied {
             checkpoint,
@@ -1330,8 +1333,13 @@ impl Writer {
             self.applied.insert(sub.id, (*depth, *dead));
         }
         // Nothing else waiting: complete it here rather than wake the
-        // flusher thread.
-        let applied = if self.rx.is_empty() {
+        // flusher thread. Unless the group handed messages over before its
+        // sync: the flusher syncs it while this thread goes on storing (and
+        // handing over) what comes next, so a slow sync holds up no delivery
+        // (`lat 5000 1024 rate=1000`, six alternating pairs: publish→deliver
+        // p50 273 against 301 µs, p99 684 against 867 µs; the publisher's
+        // answer p50 704 against 643 µs).
+        let applied = if self.rx.is_empty() && !handed_early {
             match self.shared.complete_here(applied) {
                 None => return,
                 Some(applied) => applied,
