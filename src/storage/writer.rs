@@ -66,7 +66,7 @@ pub(super) struct Writer {
     topics: IdMap<u32, Arc<TopicState>>,
     next_seq: IdMap<u32, u64>,
     /// Sequence floor of each topic that delivers before sync, as written
-    /// by the groups built so far (durable or not).
+    /// by the groups built so far (durable or not); empty when none does.
     seq_floors: IdMap<u32, u64>,
     /// Built groups on their way to the flusher thread (None once stopped).
     durable: Option<std::sync::mpsc::SyncSender<Applied>>,
@@ -1299,7 +1299,7 @@ impl Writer {
         let needs_flush = record.is_some() || !syncs.is_empty() || checkpoint;
         let mut fresh = fresh;
         let mut handed_early = false;
-        if self.failed.is_none() && !fresh.is_empty() {
+        if self.failed.is_none() && !fresh.is_empty() && !self.seq_floors.is_empty() {
             let before = fresh.len();
             self.deliver_early(&mut fresh);
             handed_early = fresh.len() < before;
