@@ -1552,6 +1552,19 @@ mod tests {
         false
     }
 
+    /// Publishes `body` to `t` for `a` while every group is held from its
+    /// sync, checks that `a` is handed nothing meanwhile, and returns the
+    /// sequence once the sync is let through.
+    async fn held_until_synced(store: &Store, body: &'static [u8]) -> u64 {
+        let a = store.subscription("a").unwrap();
+        let release = store.inner.sync_gate.hold();
+        let publishing = publish_in_task(store, body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!a.has_fresh(), "handed over before its sync");
+        drop(release);
+        publishing.await.unwrap()
+    }
+
     #[tokio::test]
     async fn a_topic_that_delivers_before_sync_hands_messages_over_before_their_sync() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1561,12 +1574,7 @@ mod tests {
 
         // The first sequence is not below a durable floor yet: it waits for
         // its sync, whose group raises the floor.
-        let release = store.inner.sync_gate.hold();
-        let first = publish_in_task(&store, b"1");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!a.has_fresh(), "handed over before the floor was durable");
-        drop(release);
-        assert_eq!(first.await.unwrap(), 1);
+        assert_eq!(held_until_synced(&store, b"1").await, 1);
         assert_eq!(topic.seq_floor(), 1 + writer::SEQ_FLOOR_STEP);
         assert_eq!(take_fresh_checked(&store, "a", 1), [1]);
 
@@ -1594,12 +1602,7 @@ mod tests {
         drop(store);
         let store = open_delivering_early(tmp.path(), false);
         let a = store.subscription("a").unwrap();
-        let release = store.inner.sync_gate.hold();
-        let third = publish_in_task(&store, b"3");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!a.has_fresh(), "handed over before its sync");
-        drop(release);
-        let third = third.await.unwrap();
+        let third = held_until_synced(&store, b"3").await;
         assert!(until_fresh(&store, "a").await);
         assert_eq!(a.take_fresh(third, 10)[0].seq, third);
     }
