@@ -1156,7 +1156,6 @@ impl Writer {
         Ok(Walk::Past)
     }
 
-    /// Depth and dead letters of `sub` as of the groups built so far.
     /// Hands the messages of topics that deliver before sync to their
     /// dispatchers now, as their group goes to be synced, and leaves the
     /// rest in `fresh` for after the sync. A message whose sequence is not
@@ -1164,29 +1163,20 @@ impl Writer {
     /// otherwise hand its sequence to another message after the restart.
     /// Should a held message come after one handed over early, the
     /// dispatcher sees the gap and reads the store ([`SubState::take_fresh`]).
-    fn deliver_early(&self, fresh: &mut Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>) {
-        let mut handed: Vec<Arc<SubState>> = Vec::new();
-        let mut held = Vec::new();
-        for (sub, after, message) in fresh.drain(..) {
-            let early = self
-                .topics
+    /// Returns whether it handed any over.
+    fn deliver_early(&self, fresh: &mut Vec<(Arc<SubState>, u64, Arc<StoredMessage>)>) -> bool {
+        let (early, held): (Vec<_>, Vec<_>) = fresh.drain(..).partition(|(sub, _, message)| {
+            self.topics
                 .get(&sub.topic)
-                .is_some_and(|topic| topic.deliverable_early(message.seq));
-            if !early {
-                held.push((sub, after, message));
-                continue;
-            }
-            sub.push_fresh(after, message);
-            if !handed.iter().any(|s| s.id == sub.id) {
-                handed.push(sub);
-            }
-        }
+                .is_some_and(|topic| topic.deliverable_early(message.seq))
+        });
         *fresh = held;
-        for sub in handed {
-            sub.notify.notify_one();
-        }
+        let any = !early.is_empty();
+        flusher::hand_over(early);
+        any
     }
 
+    /// Depth and dead letters of `sub` as of the groups built so far.
     fn counts(&self, sub: &SubState) -> (u64, u64) {
         self.applied
             .get(&sub.id)
@@ -1298,12 +1288,10 @@ impl Writer {
         };
         let needs_flush = record.is_some() || !syncs.is_empty() || checkpoint;
         let mut fresh = fresh;
-        let mut handed_early = false;
-        if self.failed.is_none() && !fresh.is_empty() && !self.seq_floors.is_empty() {
-            let before = fresh.len();
-            self.deliver_early(&mut fresh);
-            handed_early = fresh.len() < before;
-        }
+        let handed_early = self.failed.is_none()
+            && !fresh.is_empty()
+            && !self.seq_floors.is_empty()
+            && self.deliver_early(&mut fresh);
         let applied = Applied {
             checkpoint,
             record,

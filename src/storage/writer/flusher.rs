@@ -329,18 +329,7 @@ impl Flusher {
         // sled is written (if that fails, the publish is refused although
         // its message may have been delivered: it is in the journal, and
         // comes back with it at the next start).
-        let mut handed: Vec<Arc<SubState>> = Vec::new();
-        for group in groups.iter_mut() {
-            for (sub, after, message) in group.fresh.drain(..) {
-                sub.push_fresh(after, message);
-                if !handed.iter().any(|s| s.id == sub.id) {
-                    handed.push(sub);
-                }
-            }
-        }
-        for sub in handed {
-            sub.notify.notify_one();
-        }
+        hand_over(groups.iter_mut().flat_map(|g| g.fresh.drain(..)));
         let records = || groups.iter().filter_map(|g| g.record.as_ref());
         let applying = Instant::now();
         for (lsn, changes) in records() {
@@ -499,6 +488,22 @@ fn write_bodies(
         }
     }
     Ok(())
+}
+
+/// Hands stored messages to their subscriptions' dispatchers, each
+/// (subscription, sequence of its previous message, message), and wakes
+/// each of those subscriptions once.
+pub(super) fn hand_over(fresh: impl IntoIterator<Item = (Arc<SubState>, u64, Arc<StoredMessage>)>) {
+    let mut handed: Vec<Arc<SubState>> = Vec::new();
+    for (sub, after, message) in fresh {
+        sub.push_fresh(after, message);
+        if !handed.iter().any(|s| s.id == sub.id) {
+            handed.push(sub);
+        }
+    }
+    for sub in handed {
+        sub.notify.notify_one();
+    }
 }
 
 /// Publishes counters and sequences, then answers and wakes (or refuses).
