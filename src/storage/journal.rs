@@ -382,12 +382,10 @@ fn batch_of(ops: &[RecordOp<'_>], lsn: u64, blocks_in_sled: bool) -> sled::Batch
 
 /// The lsn of the last group applied to `db` (0: none yet).
 pub(super) fn applied_lsn(db: &sled::Db) -> Result<u64, StorageError> {
-    match db.get(keys::JOURNAL_LSN)? {
-        None => Ok(0),
-        Some(v) => keys::be_u64(&v).ok_or_else(|| StorageError::Corrupt {
-            what: "the store's journal position".into(),
-        }),
-    }
+    Ok(super::read_u64(db, keys::JOURNAL_LSN, || {
+        "the store's journal position".into()
+    })?
+    .unwrap_or(0))
 }
 
 /// Replays into `db` the journal records sled lost, then makes them durable

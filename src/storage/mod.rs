@@ -584,18 +584,14 @@ impl Store {
         }
         let mut topic_states = HashMap::new();
         for (name, id) in &topic_ids {
-            let next = match db.get(keys::next_seq(*id))? {
-                Some(v) => keys::be_u64(&v).ok_or_else(|| StorageError::Corrupt {
-                    what: format!("next sequence of topic {name:?}"),
-                })?,
-                None => 1,
-            };
-            let floor = match db.get(keys::seq_floor(*id))? {
-                Some(v) => keys::be_u64(&v).ok_or_else(|| StorageError::Corrupt {
-                    what: format!("sequence floor of topic {name:?}"),
-                })?,
-                None => 0,
-            };
+            let next = read_u64(&db, &keys::next_seq(*id), || {
+                format!("next sequence of topic {name:?}")
+            })?
+            .unwrap_or(1);
+            let floor = read_u64(&db, &keys::seq_floor(*id), || {
+                format!("sequence floor of topic {name:?}")
+            })?
+            .unwrap_or(0);
             topic_states.insert(
                 name.clone(),
                 Arc::new(TopicState {
@@ -1332,6 +1328,21 @@ fn register(db: &sled::Db, key: &[u8], topic: Option<u32>) -> Result<u32, Storag
 fn stored_topic_of(db: &sled::Db, key: &[u8]) -> Option<u32> {
     let v = db.get(key).ok()??;
     keys::be_u32(v.get(4..)?)
+}
+
+/// The big-endian u64 stored at `key`, if any; `what` names it when it is
+/// not one.
+fn read_u64(
+    db: &sled::Db,
+    key: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<Option<u64>, StorageError> {
+    match db.get(key)? {
+        None => Ok(None),
+        Some(v) => keys::be_u64(&v)
+            .map(Some)
+            .ok_or_else(|| StorageError::Corrupt { what: what() }),
+    }
 }
 
 fn read_counters(db: &sled::Db, sub: u32) -> Result<(u64, u64), StorageError> {
