@@ -36,6 +36,9 @@ const READY_DEADLINE: Duration = Duration::from_secs(20);
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const TERM_DEADLINE: Duration = Duration::from_secs(15);
+/// How long each group commit waits before its journal write when the topic
+/// delivers before sync (debug builds of the broker honour it).
+const HOLD_SYNC_MS: u64 = 20;
 const WHOLE_TEST: Duration = Duration::from_secs(120);
 const COUNCIL: &str = "council.inbox";
 const FIRE: &str = "fire.inbox";
@@ -52,6 +55,8 @@ struct Harness {
     log: PathBuf,
     child: Option<Child>,
     config_text: String,
+    /// `JOINERY_TEST_HOLD_SYNC_MS` for the broker (debug builds honour it).
+    hold_sync_ms: Option<u64>,
     _tmp: tempfile::TempDir,
 }
 
@@ -73,6 +78,7 @@ impl Harness {
             log,
             child: None,
             config_text: String::new(),
+            hold_sync_ms: None,
             _tmp: tmp,
         }
     }
@@ -142,9 +148,15 @@ impl Harness {
             // Keep the caller's JOINERY_BROKER_* / JOINERY_TLS_* overrides out.
             for (var, _) in std::env::vars_os() {
                 let name = var.to_string_lossy();
-                if name.starts_with("JOINERY_BROKER_") || name.starts_with("JOINERY_TLS_") {
+                if name.starts_with("JOINERY_BROKER_")
+                    || name.starts_with("JOINERY_TLS_")
+                    || name.starts_with("JOINERY_TEST_")
+                {
                     command.env_remove(&var);
                 }
+            }
+            if let Some(ms) = self.hold_sync_ms {
+                command.env("JOINERY_TEST_HOLD_SYNC_MS", ms.to_string());
             }
             self.child = Some(command.spawn().expect("spawn joinery serve"));
             let started = Instant::now();
@@ -540,7 +552,9 @@ async fn acknowledged_publishes_survive_sigkill_over_several_cycles() {
 /// The same with the topic delivering before sync: a consumer may then have
 /// been given a message whose publish was never answered and which the
 /// crash lost, but nothing acknowledged is lost, and no sequence is ever
-/// delivered for two different messages.
+/// delivered for two different messages. In debug builds the broker holds
+/// each sync back [`HOLD_SYNC_MS`], so that kills land in that window, and
+/// the test requires that some did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_publishes_survive_sigkill_when_delivering_before_sync() {
     run_crash_test(true).await;
@@ -560,6 +574,12 @@ async fn run_crash_test(early: bool) {
         BODY.to_string()
     };
     let mut harness = Harness::new(body);
+    if early {
+        // Each group commit waits this long before its journal write (debug
+        // builds), so the kill lands, most times, while messages handed over
+        // early are not yet durable.
+        harness.hold_sync_ms = Some(HOLD_SYNC_MS);
+    }
     let started = Instant::now();
     let run = tokio::time::timeout(WHOLE_TEST, crash_cycles(&mut harness, early)).await;
     if run.is_err() {
@@ -1044,6 +1064,15 @@ async fn crash_cycles(harness: &mut Harness, early: bool) {
         per_cycle.join("; ")
     );
 
+    // Delivering before sync with every sync held back (debug builds), some
+    // kill must have landed between a delivery and its sync: else the checks
+    // on sequences were not put to the test.
+    if early && cfg!(debug_assertions) && delivered_then_lost.is_empty() {
+        problems.push(format!(
+            "no kill landed between a delivery before sync and that sync, \
+             although every sync was held {HOLD_SYNC_MS} ms"
+        ));
+    }
     // The run must have exercised something.
     if ledger.acked.is_empty() || consumer_acked.is_empty() {
         problems.push(format!(

@@ -313,6 +313,8 @@ impl Flusher {
     /// Journals the groups' writes, applies them to sled, and checkpoints
     /// when the journal is full or a group asked for it.
     fn sync(&mut self, groups: &mut [Applied]) -> Result<(), StorageError> {
+        #[cfg(debug_assertions)]
+        hold_before_sync();
         self.journal.append(
             groups
                 .iter()
@@ -488,6 +490,25 @@ fn write_bodies(
         }
     }
     Ok(())
+}
+
+/// Debug builds only (`cargo test` builds the binary so): with
+/// `JOINERY_TEST_HOLD_SYNC_MS` set, every group commit waits that long before
+/// its journal write. The crash test sets it for a topic delivering before
+/// sync, so that its SIGKILL lands, most times, between a message handed
+/// over early and that message's sync. Release builds have no such knob.
+#[cfg(debug_assertions)]
+fn hold_before_sync() {
+    static HOLD: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let hold = HOLD.get_or_init(|| {
+        std::env::var("JOINERY_TEST_HOLD_SYNC_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(hold) = hold {
+        std::thread::sleep(*hold);
+    }
 }
 
 /// Hands stored messages to their subscriptions' dispatchers, each
